@@ -15,11 +15,24 @@ from typing import Any, Iterator
 import click
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_FILE_MODE = 0o666 & ~_current_umask()
+"""The mode a plain open() would give a new file (mkstemp's temporaries are 0600)."""
+
+
 class InputError(click.ClickException):
     """Bad input: click prints it as one line and exits with status 1."""
 
     def __init__(self, path: str | os.PathLike | None, message: str):
         super().__init__(f"{path}: {message}" if path is not None else message)
+
+    def __reduce__(self):  # so an error raised in a worker process reaches the parent intact
+        return type(self), (None, self.message)
 
 
 @contextlib.contextmanager
@@ -37,6 +50,7 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
     os.close(fd)
     tmp = Path(tmp)
     try:
+        os.chmod(tmp, _FILE_MODE)
         yield tmp
         os.replace(tmp, path)
     finally:

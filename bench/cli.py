@@ -1,0 +1,148 @@
+"""The `bench` command: analysis of a built dataset and of trained runs.
+
+Every command writes CSV tables, PNG figures and `summary.md` into `--out`, and prints
+the summary. Heavy imports (torch, the models) happen inside the commands that need them.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from bench.topn import DEFINITION
+
+_dir = click.Path(exists=True, file_okay=False, path_type=Path)
+_out = click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
+                    help="Output directory (created if missing); existing files of the same names are replaced.")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main():
+    """Analysis of a large-vocabulary segmentation dataset and of the softmax and ESS heads."""
+
+
+@main.command()
+@click.option("--data", required=True, type=_dir,
+              help="A `cocolvis build` output directory (reads stats.csv, classes.json).")
+@_out
+def longtail(data: Path, out: Path):
+    """Images per class on a log axis with LVIS frequency groups, a word cloud by pixel ratio,
+    classes per frequency group and source, and the stuff/thing overlaps."""
+    from bench.longtail import run_longtail
+
+    run_longtail(data, out)
+
+
+@main.command("topn-miou", help=(
+    "mIoU over the n most frequent classes, for every n from 1 to C, one curve per run (log x axis).\n\n"
+    "Definition: " + DEFINITION))
+@click.option("--eval", "evals", required=True, multiple=True, type=_dir,
+              help="An `ess eval` output directory (metrics.json, confusion.npz); repeat for several runs.")
+@click.option("--data", type=_dir, default=None,
+              help="Build whose stats.csv orders the classes; default: the training data of the runs "
+                   "(metrics.json `run` -> RUN/config.yaml `data`).")
+@click.option("--by", type=click.Choice(["pixels", "images"]), default="pixels", show_default=True,
+              help="Order classes by training pixels or by the number of training images containing them.")
+@_out
+def topn_miou(evals: tuple[Path, ...], data: Path | None, by: str, out: Path):
+    from bench.topn import run_topn
+
+    run_topn(list(evals), out, data=data, by=by)
+
+
+def _class_counts(ctx, param, value):
+    if value is None:
+        return None
+    try:
+        counts = [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers, got {value!r}") from None
+    if not counts or min(counts) < 1:
+        raise click.BadParameter(f"expected positive class counts, got {value!r}")
+    return list(dict.fromkeys(counts))
+
+
+def _size(ctx, param, value):
+    if value is None:
+        return None
+    try:
+        h, w = (int(v) for v in value.lower().split("x"))
+    except ValueError:
+        raise click.BadParameter(f"expected HxW, e.g. 128x128, got {value!r}") from None
+    if h < 32 or w < 32:
+        raise click.BadParameter(f"height and width must be at least 32, got {value!r}")
+    return h, w
+
+
+@main.command()
+@click.option("--preset", type=click.Choice(["cpu", "paper"]), default="cpu", show_default=True,
+              help="cpu: resnet18, 128x128, batch 2, C = 19,150,1284,10000 (a few minutes on 2 cores). "
+                   "paper: the published set-up, resnet50, 19 classes at 1024x2048, 150 and 1284 at 512x512.")
+@click.option("--classes", callback=_class_counts, default=None,
+              help="Comma-separated class counts C, overriding the preset's, e.g. 19,150,1284.")
+@click.option("--size", callback=_size, default=None,
+              help="Input size HxW for every class count, overriding the preset's.")
+@click.option("--batch", type=click.IntRange(min=2), default=None,
+              help="Images per batch (preset: 2); at least 2, since the batch norm of DeepLabV3+'s image-pooling "
+                   "branch needs two images in training. Inference time is reported per image.")
+@click.option("--encoder", default=None,
+              help="Encoder, any that `ess train --encoder` accepts, overriding the preset's (resnet18 / resnet50).")
+@click.option("--heads", default="softmax,ess", show_default=True,
+              help="Heads to time: softmax and/or ess, comma-separated.")
+@click.option("--repeats", type=click.IntRange(min=1), default=None,
+              help="Timed iterations per measurement; the median is reported (preset: cpu 5, paper 10).")
+@click.option("--warmup", type=click.IntRange(min=0), default=None,
+              help="Untimed iterations before timing (preset: cpu 2, paper 3).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="auto: CUDA when available, else CPU.")
+@click.option("--amp", is_flag=True, help="Mixed precision on CUDA: float16 autocast and gradient scaling.")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="CPU threads torch may use in each measurement [default: torch's own choice].")
+@_out
+def timing(preset, classes, size, batch, encoder, heads, repeats, warmup, device, amp, threads, out):
+    """Inference seconds per image and training seconds per iteration, with peak memory, for each
+    class count and head, on synthetic tensors; each measurement runs in a fresh process."""
+    from bench.timing import run_timing, timing_plan
+    from ess.model import ENCODERS
+
+    if encoder is not None and encoder not in ENCODERS:
+        raise click.BadParameter(f"{encoder!r} is not one of {', '.join(ENCODERS)}", param_hint="--encoder")
+    head_list = [h.strip() for h in heads.split(",") if h.strip()]
+    bad = [h for h in head_list if h not in ("softmax", "ess")]
+    if bad or not head_list:
+        raise click.BadParameter(f"heads must be softmax and/or ess, got {heads!r}", param_hint="--heads")
+    plan = timing_plan(preset, classes=classes, size=size, batch=batch, encoder=encoder, heads=head_list,
+                       repeats=repeats, warmup=warmup, device=device, amp=amp, threads=threads)
+    run_timing(plan, out)
+
+
+@main.command()
+@click.option("--run", "run_dir", required=True, type=_dir, help="An ESS run directory (`ess train` output).")
+@click.option("--data", required=True, type=_dir,
+              help="A `cocolvis build` output to take the image from (e.g. the val split).")
+@click.option("--images-root", type=_dir, default=None,
+              help="Directory the image `file` paths are relative to; default: the one recorded by the build.")
+@click.option("--image-id", type=int, default=None,
+              help="Image to project; default: the image of --data with the most classes.")
+@click.option("--checkpoint", type=click.Choice(["best", "last"]), default="best", show_default=True,
+              help="Which checkpoint of the run to load.")
+@click.option("--clusters", type=click.IntRange(min=1), default=70, show_default=True,
+              help="k-means clusters of the class embeddings (capped at the number of classes).")
+@click.option("--dendrogram-classes", type=click.IntRange(min=2), default=100, show_default=True,
+              help="The dendrogram shows this many of the most frequent training classes.")
+@click.option("--max-points", type=click.IntRange(min=100), default=5000, show_default=True,
+              help="Pixels drawn in the 2D projection (a random sample of the labelled pixels).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="auto: CUDA when available, else CPU.")
+@_out
+def embeddings(run_dir, data, images_root, image_id, checkpoint, clusters, dendrogram_classes, max_points, device, out):
+    """Class-embedding length against frequency, pixel embeddings projected to 2D and to RGB,
+    a dendrogram and k-means clusters of the class embeddings of an ESS run."""
+    from bench.embeddings import run_embeddings
+
+    run_embeddings(run_dir, data, out, images_root=images_root, image_id=image_id, checkpoint=checkpoint,
+                   clusters=clusters, dendrogram_classes=dendrogram_classes, max_points=max_points, device=device)
+
+
+if __name__ == "__main__":
+    main()

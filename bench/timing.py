@@ -1,0 +1,350 @@
+"""`bench timing`: speed and memory of the softmax and ESS heads as the class count grows.
+
+Each (head, C, phase) is measured in a fresh worker process, so one measurement's
+allocations never inflate another's peak. Workers are forked from a server that has
+already imported torch and the models (multiprocessing "forkserver" with preloading),
+which makes a fresh process cost a fraction of a second instead of several.
+
+Memory: on CUDA the allocator's peak (`torch.cuda.max_memory_allocated` after
+`reset_peak_memory_stats`); on a CPU the worker's peak resident set size
+(`getrusage(RUSAGE_SELF).ru_maxrss`), which includes the interpreter, torch and the
+model, so the increase over the peak after the model was built is reported as well.
+"""
+from __future__ import annotations
+
+import multiprocessing
+import platform
+import resource
+import statistics
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from bench.report import (files_section, fmt, markdown_table, new_figure, plain_log_ticks, plural,
+                          save_figure, save_table, write_summary)
+
+# The published table's data sets, by class count.
+DATASETS = {19: "Cityscapes", 150: "ADE20K", 1284: "COCO+LVIS"}
+HEAD_NAMES = {"softmax": "softmax", "ess": "ESS"}
+PHASES = ("inference", "training")
+MIB = 2 ** 20
+
+
+@dataclass(frozen=True)
+class Setup:
+    """One class count and the input size it is timed at."""
+    num_classes: int
+    size: tuple[int, int]
+
+    @property
+    def dataset(self) -> str:
+        return DATASETS.get(self.num_classes, "synthetic")
+
+
+@dataclass(frozen=True)
+class TimingPlan:
+    setups: tuple[Setup, ...]
+    heads: tuple[str, ...] = ("softmax", "ess")
+    encoder: str = "resnet18"
+    batch: int = 2
+    repeats: int = 5
+    warmup: int = 2
+    device: str = "cpu"
+    amp: bool = False
+    embed_dim: int = 12
+    threads: int | None = None  # CPU threads of torch; None keeps torch's default
+    preset: str = "cpu"
+    head_options: dict = field(default_factory=dict)
+
+
+PRESETS = {
+    # Small enough for a few minutes on 2 CPU cores, wide enough in C to show the trend.
+    "cpu": dict(encoder="resnet18", batch=2, repeats=5, warmup=2,
+                setups=(Setup(19, (128, 128)), Setup(150, (128, 128)), Setup(1284, (128, 128)), Setup(10000, (128, 128)))),
+    # The published set-up: ResNet-50 DeepLabV3+, Cityscapes at full resolution, the others at 512x512.
+    "paper": dict(encoder="resnet50", batch=2, repeats=10, warmup=3,
+                  setups=(Setup(19, (1024, 2048)), Setup(150, (512, 512)), Setup(1284, (512, 512)))),
+}
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        from cocolvis.io import InputError
+
+        raise InputError(None, "--device cuda: no CUDA device available")
+    return device
+
+
+def timing_plan(preset: str = "cpu", *, classes: list[int] | None = None, size: tuple[int, int] | None = None,
+                batch: int | None = None, encoder: str | None = None, heads: list[str] | None = None,
+                repeats: int | None = None, warmup: int | None = None, device: str = "auto", amp: bool = False,
+                embed_dim: int = 12, threads: int | None = None) -> TimingPlan:
+    """The preset's set-up with any explicitly given option overriding it."""
+    p = PRESETS[preset]
+    device = resolve_device(device)
+    if amp and device != "cuda":
+        from cocolvis.io import InputError
+
+        raise InputError(None, "--amp: mixed precision is timed on CUDA only, and no CUDA device is in use")
+    setups = p["setups"]
+    if classes is not None:
+        sizes = {s.num_classes: s.size for s in setups}
+        default = setups[-1].size
+        setups = tuple(Setup(c, sizes.get(c, default)) for c in classes)
+    if size is not None:
+        setups = tuple(replace(s, size=tuple(size)) for s in setups)
+    return TimingPlan(setups=tuple(setups), heads=tuple(heads or ("softmax", "ess")),
+                      encoder=encoder or p["encoder"], batch=batch or p["batch"],
+                      repeats=repeats or p["repeats"], warmup=p["warmup"] if warmup is None else warmup,
+                      device=device, amp=amp, embed_dim=embed_dim, threads=threads, preset=preset)
+
+
+def _peak_rss_bytes() -> int:
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024  # bytes on macOS, KiB on Linux
+
+
+def synthetic_batch(num_classes: int, size: tuple[int, int], batch: int, device, seed: int = 0):
+    """A random normalised image batch and a mask of 32x32-pixel blocks of random class ids.
+
+    Blocks rather than independent pixels, so a batch holds a realistic handful of classes.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(seed)
+    h, w = size
+    x = torch.randn(batch, 3, h, w, generator=g)
+    blocks = torch.randint(1, num_classes + 1, (batch, 1, -(-h // 32), -(-w // 32)), generator=g)
+    mask = F.interpolate(blocks.float(), scale_factor=32, mode="nearest")[:, 0, :h, :w].long()
+    return x.to(device), mask.to(device)
+
+
+def measure(head: str, num_classes: int, phase: str, plan: TimingPlan) -> dict:
+    """Time one phase of one model; meant to run alone in a fresh process."""
+    import torch
+
+    from ess.model import build_model
+
+    if plan.threads is not None:
+        torch.set_num_threads(plan.threads)
+    torch.manual_seed(0)
+    device = torch.device(plan.device)
+    cuda = device.type == "cuda"
+    size = next(s.size for s in plan.setups if s.num_classes == num_classes)
+    model = build_model(head, num_classes, encoder=plan.encoder, embed_dim=plan.embed_dim, **plan.head_options).to(device)
+    x, mask = synthetic_batch(num_classes, size, plan.batch, device)
+    autocast = torch.autocast(device.type, dtype=torch.float16, enabled=plan.amp and cuda)
+
+    if phase == "inference":
+        model.eval()
+
+        def step():
+            with torch.inference_mode(), autocast:
+                model.predict(model(x))
+    else:
+        model.train()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+        scaler = torch.amp.GradScaler(device.type, enabled=plan.amp and cuda)
+
+        def step():
+            optimizer.zero_grad(set_to_none=True)
+            with autocast:
+                loss = model.loss(model(x), mask)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    if cuda:
+        sync()
+        torch.cuda.reset_peak_memory_stats(device)
+        baseline = torch.cuda.memory_allocated(device)
+    else:
+        baseline = _peak_rss_bytes()
+    for _ in range(plan.warmup):
+        step()
+    times = []
+    for _ in range(plan.repeats):
+        sync()
+        start = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - start)
+    peak = torch.cuda.max_memory_allocated(device) if cuda else _peak_rss_bytes()
+    return {"seconds": statistics.median(times), "times": times, "peak_bytes": peak,
+            "increase_bytes": max(peak - baseline, 0), "threads": torch.get_num_threads()}
+
+
+def _pool_context():
+    """Fresh processes forked from a server that has torch and the models imported already."""
+    ctx = multiprocessing.get_context("forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn")
+    if ctx.get_start_method() == "forkserver":
+        ctx.set_forkserver_preload(["torch", "segmentation_models_pytorch", "ess.model", "bench.timing"])
+    return ctx
+
+
+def measure_isolated(head: str, num_classes: int, phase: str, plan: TimingPlan, ctx) -> dict:
+    """`measure` in a new worker process; an out-of-memory failure becomes a row with an error."""
+    with ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
+        try:
+            return pool.submit(measure, head, num_classes, phase, plan).result()
+        except BrokenProcessPool:
+            return {"error": "worker process died (likely killed for lack of memory)"}
+        except RuntimeError as e:  # torch.cuda.OutOfMemoryError and CPU allocation failures
+            if "out of memory" not in str(e).lower() and "can't allocate memory" not in str(e).lower():
+                raise
+            return {"error": str(e).strip().splitlines()[0]}
+
+
+def time_heads(plan: TimingPlan, progress: bool = True) -> pd.DataFrame:
+    """One row per (C, head): median seconds and peak memory of inference and of training."""
+    from tqdm import tqdm
+
+    ctx = _pool_context()
+    jobs = [(s, head, phase) for s in plan.setups for head in plan.heads for phase in PHASES]
+    results = {}
+    for setup, head, phase in tqdm(jobs, desc="timing", unit="run", disable=not progress):
+        results[setup.num_classes, head, phase] = measure_isolated(head, setup.num_classes, phase, plan, ctx)
+    rows = []
+    for s in plan.setups:
+        for head in plan.heads:
+            inf, tr = results[s.num_classes, head, "inference"], results[s.num_classes, head, "training"]
+            rows.append({
+                "dataset": s.dataset, "model": f"DeepLabV3+ {plan.encoder}, {HEAD_NAMES[head]}", "head": head,
+                "classes": s.num_classes, "size": f"{s.size[0]}x{s.size[1]}", "batch": plan.batch,
+                "inference_s_per_image": inf.get("seconds", np.nan) / plan.batch,
+                "training_s_per_iter": tr.get("seconds", np.nan),
+                "inference_peak_mib": inf.get("peak_bytes", np.nan) / MIB,
+                "inference_increase_mib": inf.get("increase_bytes", np.nan) / MIB,
+                "training_peak_mib": tr.get("peak_bytes", np.nan) / MIB,
+                "training_increase_mib": tr.get("increase_bytes", np.nan) / MIB,
+                "error": "; ".join(r["error"] for r in (inf, tr) if "error" in r),
+                "threads": inf.get("threads", tr.get("threads")),
+            })
+    return pd.DataFrame(rows)
+
+
+def environment(plan: TimingPlan) -> dict[str, str]:
+    """Device and library versions, for the summary."""
+    import faiss
+    import segmentation_models_pytorch as smp
+    import torch
+
+    if plan.device == "cuda":
+        device = f"CUDA: {torch.cuda.get_device_name(0)} (CUDA {torch.version.cuda})"
+    else:
+        cpu = platform.processor() or platform.machine()
+        try:
+            with open("/proc/cpuinfo", encoding="utf-8") as f:
+                cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+        except OSError:
+            pass
+        device = f"CPU: {cpu}, {plural(plan.threads or torch.get_num_threads(), 'torch thread')}"
+    return {"device": device, "python": platform.python_version(), "torch": torch.__version__,
+            "segmentation-models-pytorch": smp.__version__, "faiss": faiss.__version__}
+
+
+def plot_timing(table: pd.DataFrame, plan: TimingPlan):
+    fig = new_figure(12, 4.5)
+    ax_t, ax_m = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    colors = {"softmax": "#d62728", "ess": "#1f77b4"}
+    memory = "increase_mib" if plan.device == "cpu" else "peak_mib"
+    for head, rows in table.groupby("head", sort=False):
+        c = rows["classes"].to_numpy()
+        ax_t.plot(c, rows["training_s_per_iter"], "o-", color=colors[head], label=f"{HEAD_NAMES[head]} training / iter")
+        ax_t.plot(c, rows["inference_s_per_image"], "s--", color=colors[head], label=f"{HEAD_NAMES[head]} inference / image")
+        ax_m.plot(c, rows[f"training_{memory}"], "o-", color=colors[head], label=f"{HEAD_NAMES[head]} training")
+        ax_m.plot(c, rows[f"inference_{memory}"], "s--", color=colors[head], label=f"{HEAD_NAMES[head]} inference")
+    for ax in (ax_t, ax_m):
+        ax.set_xscale("log")
+        plain_log_ticks(ax.xaxis)
+        ax.set_xlabel("classes C")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    ax_t.set_yscale("log")
+    ax_t.set_ylabel("seconds (median)")
+    ax_t.set_title("Time")
+    ax_m.set_ylabel("MiB")
+    ax_m.set_title("Peak memory" + (" increase over the built model (RSS)" if plan.device == "cpu" else " (CUDA allocator)"))
+    sizes = sorted(set(table["size"]))
+    fig.suptitle(f"DeepLabV3+ {plan.encoder}, batch {plan.batch}, input {', '.join(sizes)}, {plan.device}")
+    return fig
+
+
+def ratios(table: pd.DataFrame) -> pd.DataFrame:
+    """softmax / ESS ratios per class count: > 1 means ESS is faster or smaller."""
+    if not {"softmax", "ess"} <= set(table["head"]):
+        return pd.DataFrame()
+    wide = table.set_index(["classes", "head"])
+    out = []
+    for c in table["classes"].unique():
+        s, e = wide.loc[(c, "softmax")], wide.loc[(c, "ess")]
+        out.append({"C": int(c), "inference time softmax/ESS": s["inference_s_per_image"] / e["inference_s_per_image"],
+                    "training time softmax/ESS": s["training_s_per_iter"] / e["training_s_per_iter"],
+                    "training memory increase softmax/ESS": s["training_increase_mib"] / e["training_increase_mib"]})
+    return pd.DataFrame(out)
+
+
+def run_timing(plan: TimingPlan, out: str | Path, echo: bool = True, progress: bool = True) -> dict[str, Path]:
+    """Measure every (C, head) of `plan`, then write timing.csv, timing.png and summary.md into `out`."""
+    out = Path(out)
+    table = time_heads(plan, progress=progress)
+    env = environment(plan)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"timing.csv": save_table(table, out / "timing.csv"),
+             "timing.png": save_figure(plot_timing(table, plan), out / "timing.png")}
+
+    cpu = plan.device == "cpu"
+    mem_note = ("CPU: the measuring process's peak resident set size (getrusage ru_maxrss, includes the Python "
+                "interpreter, torch and the model), and in brackets its increase over the peak right after the model "
+                "and inputs were built." if cpu else
+                "CUDA: torch.cuda.max_memory_allocated after reset_peak_memory_stats (model, activations, gradients, "
+                "optimizer state), and in brackets its increase over the memory allocated before the first step.")
+    shown = pd.DataFrame({
+        "dataset": table["dataset"], "model": table["model"], "C": table["classes"], "input": table["size"],
+        "inference s/image": table["inference_s_per_image"], "training s/iter": table["training_s_per_iter"],
+        **{f"{phase} MiB": [f"{fmt(p)} (+{fmt(i)})" for p, i in zip(table[f"{phase}_peak_mib"],
+                                                                    table[f"{phase}_increase_mib"])]
+           for phase in PHASES},
+    })
+    errors = [f"- C={r.classes} {r.head}: {r.error}" for r in table.itertuples() if r.error]
+    ratio_table = ratios(table)
+    lines = [
+        f"# Timing of the softmax and ESS heads (`{plan.preset}` preset)",
+        "",
+        *[f"- {k}: {v}" for k, v in env.items()],
+        f"- set-up: DeepLabV3+ {plan.encoder} (no pretrained weights), embedding dimension {plan.embed_dim}, "
+        f"batch {plan.batch}, {plan.warmup} warm-up and {plan.repeats} timed iterations, median reported"
+        + (", mixed precision (float16 autocast)" if plan.amp and not cpu else ", float32"),
+        "- inference: forward pass and prediction (argmax / nearest class embedding) under inference mode, "
+        "seconds per image = seconds per batch / batch; training: forward, loss, backward and an SGD step, "
+        "seconds per iteration. Model set-up excluded. Inputs are synthetic: random images and masks of "
+        "32x32-pixel blocks of random class ids.",
+        f"- memory: {mem_note}",
+        "- each (head, C, phase) ran in a fresh process.",
+        "",
+        markdown_table(shown),
+        "",
+    ]
+    if len(ratio_table):
+        lines += ["Ratios (softmax / ESS; above 1 means ESS is faster or smaller):", "", markdown_table(ratio_table, 3), ""]
+    if errors:
+        lines += ["Measurements that failed:", "", *errors, ""]
+    lines.append(files_section(out, {
+        "timing.csv": "one row per (C, head): dataset, model, head, classes, size, batch, inference_s_per_image, "
+                      "training_s_per_iter, peak and increase MiB of each phase, error (empty when it ran)",
+        "timing.png": "time (log) and memory against C (log) for both heads",
+    }))
+    paths["summary.md"] = write_summary(out, "\n".join(lines), echo=echo)
+    return paths

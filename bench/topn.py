@@ -1,0 +1,179 @@
+"""`bench topn-miou`: mIoU over the n most frequent classes, for every n from 1 to C.
+
+A head that only learns the frequent classes has a curve that starts high and sinks as
+rare classes join the mean; the curve shows where along the tail each head gives way.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from bench.longtail import frequency_order, read_class_stats
+from bench.report import (files_section, fmt, markdown_table, new_figure, plain_log_ticks, save_figure, save_table,
+                          write_summary)
+from cocolvis.io import InputError, read_json
+
+DEFINITION = (
+    "Classes are ordered most frequent first by their training pixels (or images) in the data's stats.csv, "
+    "ties broken by the other count, then by class id. Each class's IoU is TP / (TP + FP + FN) from the full "
+    "C x C confusion matrix of the evaluation (all classes compete in the prediction, not only the top n). "
+    "mIoU@n is the mean of the IoUs of the classes among the top n that are present (in the ground truth or "
+    "the prediction); classes absent from both are skipped, as in the run's overall mIoU, and mIoU@n is empty "
+    "(NaN) when none of the top n is present. So mIoU@C equals metrics.json's miou."
+)
+
+
+def read_eval(eval_dir: str | Path) -> dict:
+    """An `ess eval` output directory: metrics.json and the C x C confusion matrix."""
+    eval_dir = Path(eval_dir)
+    metrics = read_json(eval_dir / "metrics.json")
+    path = eval_dir / "confusion.npz"
+    if not path.exists():
+        raise InputError(path, "missing: not an `ess eval` output")
+    try:
+        with np.load(path) as npz:
+            confusion = npz["confusion"]
+    except KeyError:
+        raise InputError(path, "no array named 'confusion'") from None
+    except (OSError, ValueError) as e:
+        raise InputError(path, f"unreadable: {e}") from None
+    if confusion.ndim != 2 or confusion.shape[0] != confusion.shape[1]:
+        raise InputError(path, f"confusion must be a square matrix, got shape {confusion.shape}")
+    if not np.issubdtype(confusion.dtype, np.integer) or (confusion < 0).any():
+        raise InputError(path, "confusion must hold non-negative integer pixel counts")
+    return {"dir": eval_dir, "metrics": metrics, "confusion": confusion.astype(np.int64)}
+
+
+def per_class_iou(confusion: np.ndarray) -> np.ndarray:
+    """IoU of every class from a confusion matrix (rows gt, columns prediction); NaN where absent from both."""
+    tp = np.diag(confusion).astype(np.float64)
+    union = confusion.sum(axis=0) + confusion.sum(axis=1) - tp
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(union > 0, tp / union, np.nan)
+
+
+def topn_miou(iou: np.ndarray, order: np.ndarray) -> np.ndarray:
+    """mIoU over the first n classes of `order` (0-based indices), for n = 1..C, skipping NaN IoUs."""
+    ranked = iou[order]
+    present = ~np.isnan(ranked)
+    total = np.cumsum(np.where(present, ranked, 0.0))
+    count = np.cumsum(present)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(count > 0, total / np.maximum(count, 1), np.nan)
+
+
+def training_data(ev: dict) -> Path:
+    """The build a run was trained on: metrics.json `run` -> RUN/config.yaml `data`."""
+    metrics_path = ev["dir"] / "metrics.json"
+    run = ev["metrics"].get("run")
+    if not run:
+        raise InputError(metrics_path, "no `run` recorded: pass --data")
+    config_path = Path(run) / "config.yaml"
+    try:
+        config = yaml.safe_load(config_path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputError(config_path, "missing (the run recorded in metrics.json): pass --data") from None
+    except yaml.YAMLError as e:
+        raise InputError(config_path, f"malformed YAML: {e}") from None
+    if not isinstance(config, dict) or not config.get("data"):
+        raise InputError(config_path, "no `data` entry: pass --data")
+    return Path(config["data"])
+
+
+def run_labels(evals: list[dict]) -> list[str]:
+    """Each run's head ("ess", "softmax"), with the run's directory name added where heads repeat."""
+    heads = [str(ev["metrics"].get("head") or ev["dir"].parent.name) for ev in evals]
+    labels = []
+    for head, ev in zip(heads, evals):
+        run_name = Path(ev["metrics"]["run"]).name if ev["metrics"].get("run") else ev["dir"].parent.name
+        labels.append(head if heads.count(head) == 1 else f"{head} ({run_name})")
+    if len(set(labels)) < len(labels):
+        labels = [f"{label} #{i + 1}" for i, label in enumerate(labels)]
+    return labels
+
+
+def milestones(num_classes: int) -> list[int]:
+    ns = [n for n in (1, 10, 20, 50, 100, 200, 500, 1000) if n < num_classes]
+    return ns + [num_classes]
+
+
+def run_topn(evals: list[str | Path], out: str | Path, data: str | Path | None = None, by: str = "pixels",
+             echo: bool = True) -> dict[str, Path]:
+    """Write the top-n mIoU table, plot and summary of one or more evaluations into `out`."""
+    if by not in ("pixels", "images"):
+        raise ValueError(f"by must be 'pixels' or 'images', got {by!r}")
+    if not evals:
+        raise InputError(None, "give at least one --eval directory")
+    evs = [read_eval(e) for e in evals]
+    if data is None:
+        found = {training_data(ev) for ev in evs}
+        if len(found) > 1:
+            raise InputError(evs[0]["dir"] / "metrics.json",
+                             f"the runs were trained on different data ({', '.join(map(str, sorted(found)))}): pass --data")
+        data = found.pop()
+    data, out = Path(data), Path(out)
+    stats = read_class_stats(data)
+    num_classes = len(stats)
+    for ev in evs:
+        if ev["confusion"].shape[0] != num_classes:
+            raise InputError(ev["dir"] / "confusion.npz", f"{ev['confusion'].shape[0]} classes, but {data / 'stats.csv'} "
+                             f"has {num_classes}")
+    labels = run_labels(evs)
+    ordered = frequency_order(stats, by)
+    order = ordered.index.to_numpy() - 1
+
+    table = pd.DataFrame({"n": np.arange(1, num_classes + 1), "id": ordered.index.to_numpy(),
+                          "name": ordered["name"].to_numpy(), f"train_{by}": ordered[by].to_numpy()})
+    ious = []
+    for label, ev in zip(labels, evs):
+        iou = per_class_iou(ev["confusion"])
+        ious.append(iou)
+        table[f"iou_{label}"] = iou[order]
+        table[f"miou_{label}"] = topn_miou(iou, order)
+
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"topn_miou.csv": save_table(table, out / "topn_miou.csv")}
+
+    fig = new_figure(8, 4.5)
+    ax = fig.add_subplot()
+    for label in labels:
+        ax.plot(table["n"], table[f"miou_{label}"], label=label, linewidth=1.8)
+    ax.set_xscale("log")
+    plain_log_ticks(ax.xaxis)
+    ax.set_xlim(1, max(num_classes, 2))
+    ax.set_ylim(bottom=0)
+    ax.set_xlabel(f"n (the n most frequent classes by training {by})")
+    ax.set_ylabel("mIoU over the top n classes")
+    ax.set_title(f"Top-n mIoU, {num_classes} classes ordered by {data.name} {by}")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    paths["topn_miou.png"] = save_figure(fig, out / "topn_miou.png")
+
+    ns = milestones(num_classes)
+    rows = table.set_index("n").loc[ns, [f"miou_{label}" for label in labels]].reset_index()
+    rows.columns = ["n"] + [f"mIoU@n {label}" for label in labels]
+    checks = []
+    for label, ev, iou in zip(labels, evs, ious):
+        recorded = ev["metrics"].get("miou")
+        checks.append(f"- {label} (`{ev['dir']}`): mIoU@C = {fmt(table[f'miou_{label}'].iloc[-1])}, metrics.json miou = "
+                      f"{fmt(recorded)}; {int((~np.isnan(iou)).sum())} of {num_classes} classes present")
+    text = "\n".join([
+        f"# Top-n mIoU, classes ordered by training {by} of `{data}`",
+        "",
+        "Definition: " + DEFINITION,
+        "",
+        markdown_table(rows),
+        "",
+        *checks,
+        "",
+        files_section(out, {
+            "topn_miou.csv": f"one row per n: n, the n-th class (id, name, train_{by}), and per run its IoU "
+                             "(iou_<run>) and the mIoU over the top n (miou_<run>)",
+            "topn_miou.png": "mIoU over the top n classes against n (log x axis), one curve per run",
+        }),
+    ])
+    paths["summary.md"] = write_summary(out, text, echo=echo)
+    return paths

@@ -1,0 +1,3 @@
+from ess.cli import main
+
+main()

@@ -1,0 +1,112 @@
+"""Evaluate a run on a build directory: streaming confusion matrix, metrics, optional predictions.
+
+Writes into EVAL (default RUN/eval):
+    metrics.json    miou, pixel_acc, mean_acc, fw_iou, num_classes, classes_present, head, run, data
+    per_class.csv   id,name,source,frequency,iou,acc,gt_pixels,gt_images,pred_pixels
+    confusion.npz   key "confusion": int64 C x C, rows ground truth, columns prediction
+    predictions/    <12-digit id>.png (uint16 class ids) and <12-digit id>_color.png, with --save-predictions
+"""
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from cocolvis.dataset import BuiltDataset, mask_name
+from cocolvis.io import InputError, atomic_open, atomic_path, write_json
+from ess.data import EvalSamples
+from ess.metrics import ConfusionMatrix, compute_metrics
+from ess.visualize import colorize
+
+PER_CLASS_FIELDS = ("id", "name", "source", "frequency", "iou", "acc", "gt_pixels", "gt_images", "pred_pixels")
+SUMMARY_KEYS = ("miou", "pixel_acc", "mean_acc", "fw_iou", "num_classes", "classes_present")
+
+
+def write_label_png(path: Path, labels: np.ndarray) -> None:
+    with atomic_path(path, suffix=".png") as tmp:  # cv2 picks the codec from the extension
+        if not cv2.imwrite(str(tmp), labels.astype(np.uint16)):
+            raise InputError(path, "could not write PNG")
+
+
+def write_rgb_png(path: Path, rgb: np.ndarray) -> None:
+    with atomic_path(path, suffix=".png") as tmp:
+        if not cv2.imwrite(str(tmp), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)):
+            raise InputError(path, "could not write PNG")
+
+
+@torch.no_grad()
+def evaluate_model(model, dataset: BuiltDataset, device: torch.device, crop: int | None = None, amp: bool = False,
+                   predictions_dir: Path | None = None, progress: bool = True, workers: int = 0) -> dict:
+    """Run the model over every image of `dataset` (whole images, or centre crops of `crop`).
+
+    Returns compute_metrics() of the confusion matrix, plus "confusion" and "gt_images".
+    """
+    was_training = model.training
+    model.eval()
+    confusion = ConfusionMatrix(dataset.num_classes)
+    loader = torch.utils.data.DataLoader(EvalSamples(dataset, crop), batch_size=1, num_workers=workers)
+    for image, mask, image_id in tqdm(loader, desc="eval", unit="img", disable=not progress, dynamic_ncols=True):
+        with torch.autocast(device.type, dtype=torch.float16, enabled=amp and device.type == "cuda"):
+            output = model(image.to(device))
+        pred = model.predict(output)
+        confusion.update(pred, mask.to(device))
+        if predictions_dir is not None:
+            labels = pred[0].cpu().numpy()
+            name = mask_name(int(image_id[0]))
+            write_label_png(predictions_dir / name, labels)
+            write_rgb_png(predictions_dir / name.replace(".png", "_color.png"), colorize(labels))
+    model.train(was_training)
+    metrics = compute_metrics(confusion.confusion)
+    metrics["confusion"] = confusion.confusion
+    metrics["gt_images"] = confusion.gt_images
+    return metrics
+
+
+def _number(value: float) -> float | None:
+    return None if value is None or (isinstance(value, float) and math.isnan(value)) else value
+
+
+def write_eval(out: Path, metrics: dict, classes: list[dict], head: str, run_dir: Path, data_dir: Path) -> dict:
+    """Write metrics.json, per_class.csv and confusion.npz; returns the metrics.json content."""
+    out.mkdir(parents=True, exist_ok=True)
+    summary = {k: _number(metrics[k]) for k in SUMMARY_KEYS}
+    summary.update(head=head, run=str(Path(run_dir).resolve()), data=str(Path(data_dir).resolve()))
+    with atomic_open(out / "per_class.csv", "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(PER_CLASS_FIELDS)
+        for i, c in enumerate(classes):
+            iou, acc = metrics["iou"][i], metrics["acc"][i]
+            writer.writerow([c["id"], c["name"], c.get("source", ""), c.get("frequency") or "",
+                             "" if math.isnan(iou) else f"{iou:.10g}", "" if math.isnan(acc) else f"{acc:.10g}",
+                             int(metrics["gt_pixels"][i]), int(metrics["gt_images"][i]), int(metrics["pred_pixels"][i])])
+    with atomic_path(out / "confusion.npz", suffix=".npz") as tmp:
+        np.savez_compressed(tmp, confusion=metrics["confusion"].astype(np.int64))
+    write_json(out / "metrics.json", summary)
+    return summary
+
+
+def evaluate_run(run_dir: str | Path, data: str | Path, images_root: str | Path | None = None,
+                 out: str | Path | None = None, save_predictions: bool = False, checkpoint: str = "best",
+                 crop: int | None = None, device: str = "auto", progress: bool = True, workers: int = 0) -> dict:
+    """`ess eval`: load a run, evaluate it on a build directory, write the outputs; returns metrics.json."""
+    from ess.run import load_run
+    from ess.train import pick_device
+
+    dev = pick_device(device)
+    run = load_run(run_dir, checkpoint=checkpoint, device=dev)
+    dataset = BuiltDataset(data, images_root)
+    if dataset.class_names != [c["name"] for c in run.classes]:
+        raise InputError(dataset.root / "classes.json",
+                         f"{dataset.num_classes} classes that differ from the run's {len(run.classes)} "
+                         f"in {run.dir / 'classes.json'}")
+    out = Path(out) if out is not None else run.dir / "eval"
+    crop = crop if crop is not None else run.config.get("crop_val")
+    metrics = evaluate_model(run.model, dataset, dev, crop=crop, amp=bool(run.config.get("amp")),
+                             predictions_dir=out / "predictions" if save_predictions else None,
+                             progress=progress, workers=workers)
+    return write_eval(out, metrics, dataset.classes, run.config["head"], run.dir, dataset.root)
