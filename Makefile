@@ -18,8 +18,29 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(BIN)/pip install --no-deps 'lvis==0.5.3'
 	touch $@
 
+# The whole pipeline on the embedded synthetic data: synth, build train and val, train and
+# evaluate both heads (tiny preset), then the four analyses. Re-running resumes the builds.
 demo: setup
-	bash scripts/demo.sh $(DEMO)
+	$(BIN)/cocolvis synth --out $(DEMO)/synth
+	$(BIN)/cocolvis build --lvis $(DEMO)/synth/annotations/lvis_v1_train.json \
+	    --coco $(DEMO)/synth/annotations/stuff_train2017.json \
+	    --images-root $(DEMO)/synth/images --out $(DEMO)/train
+	$(BIN)/cocolvis build --lvis $(DEMO)/synth/annotations/lvis_v1_val.json \
+	    --coco $(DEMO)/synth/annotations/stuff_train2017.json \
+	    --coco $(DEMO)/synth/annotations/stuff_val2017.json \
+	    --images-root $(DEMO)/synth/images --out $(DEMO)/val
+	for head in softmax ess; do \
+	    rm -rf $(DEMO)/runs/$$head && \
+	    $(BIN)/ess train --preset tiny --head $$head --data $(DEMO)/train --out $(DEMO)/runs/$$head && \
+	    $(BIN)/ess eval --run $(DEMO)/runs/$$head --data $(DEMO)/val --save-predictions || exit 1; \
+	done
+	$(BIN)/ess compare $(DEMO)/runs/softmax/eval $(DEMO)/runs/ess/eval
+	$(BIN)/bench longtail --data $(DEMO)/train --out $(DEMO)/bench/longtail
+	$(BIN)/bench topn-miou --eval $(DEMO)/runs/softmax/eval --eval $(DEMO)/runs/ess/eval --out $(DEMO)/bench/topn
+	$(BIN)/bench timing --preset cpu --out $(DEMO)/bench/timing
+	$(BIN)/bench embeddings --run $(DEMO)/runs/ess --data $(DEMO)/val --out $(DEMO)/bench/embeddings
+	@echo "Figures:"; for f in $(DEMO)/bench/*/*.png; do echo "  $$f"; done
+	@echo "Notebook: BENCH_DIR=$(DEMO)/bench jupyter notebook notebooks/analysis.ipynb"
 
 test: setup
 	$(BIN)/python -m pytest
@@ -27,6 +48,7 @@ test: setup
 bench: setup
 	$(BIN)/python -m cocolvis.benchmark
 	$(BIN)/python -m ess.benchmark
+	$(BIN)/python -m bench.benchmark
 
 clean:
 	rm -rf $(VENV) $(DEMO) .pytest_cache

@@ -201,7 +201,7 @@ def report(fig: dict, workers: int) -> str:
         f"target <= 1.5x: {verdict(vs_floor_wall <= 1.5)}",
         f"ours, {workers} workers vs 1:   {scaling:5.2f}x the throughput; target >= 1.8x: {verdict(scaling >= 1.8)}",
         f"naive, {workers} workers vs 1:  {wall['naive/1'] / wall[f'naive/{workers}']:5.2f}x",
-        f"whole `cocolvis build` (JSON, plan, journal, outputs): "
+        "whole `cocolvis build` (JSON, plan, journal, outputs): "
         + ", ".join(f"{w} worker(s) {v:.1f} images/s" for w, v in fig["end_to_end"].items()),
     ]
     return "\n".join(lines)

@@ -26,6 +26,8 @@ import time
 
 import click
 
+from ess.knn import BACKENDS, DEFAULT_KNN
+
 DECODER_CHANNELS = 256
 EMBED_DIM = 12
 K = 7
@@ -156,14 +158,13 @@ def knn_table(class_counts: list[int], queries: int, repeats: int) -> list[dict]
         q = F.normalize(torch.randn(queries, EMBED_DIM, generator=g), dim=1)
         base = F.normalize(torch.rand(c, EMBED_DIM, generator=g) * 2 - 1, dim=1)
         row = {"classes": c}
-        results = {}
-        for name, fn in (("torch", knn_torch), ("faiss", knn_faiss)):
-            times = []
-            for _ in range(repeats):
+        results, times = {}, {"torch": [], "faiss": []}
+        for _ in range(repeats):  # interleaved, best of: robust to other load on the machine
+            for name, fn in (("torch", knn_torch), ("faiss", knn_faiss)):
                 start = time.perf_counter()
                 results[name] = fn(q, base, K + 1)
-                times.append(time.perf_counter() - start)
-            row[name] = min(times)
+                times[name].append(time.perf_counter() - start)
+        row.update({name: min(t) for name, t in times.items()})
         row["same"] = float((results["torch"] == results["faiss"]).all(1).float().mean())
         rows.append(row)
     return rows
@@ -182,24 +183,29 @@ def _fmt_s(row: dict) -> str:
               help="Comma-separated class counts to measure.")
 @click.option("--size", default="2x256x256", show_default=True, help="Batch x height x width of the labels.")
 @click.option("--heads", default="softmax,ess,ess-naive", show_default=True,
-              help="Rows to measure: softmax, ess, ess-naive (the unchunked reference).")
+              help="Rows to measure: softmax, ess, ess-naive (the unchunked reference); empty for none.")
 @click.option("--repeats", default=3, show_default=True, help="Timed steps after the first (median reported).")
 @click.option("--max-gb", type=float, help="Skip measurements predicted above this [default: available memory - 2 GB].")
-@click.option("--knn", type=click.Choice(["torch", "faiss"]), default="torch", show_default=True,
-              help="Backend of the ESS rows.")
+@click.option("--knn", type=click.Choice(BACKENDS), default=DEFAULT_KNN, show_default=True,
+              help="kNN backend of the ESS rows.")
 @click.option("--no-knn-table", is_flag=True, help="Skip the kNN backend comparison.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Also write every figure to this JSON file.")
 @click.option("--measure", hidden=True, help="Internal: HEAD:C, measure one step in this process and print JSON.")
 def main(classes, size, heads, repeats, max_gb, knn, no_knn_table, json_out, measure):
     """Peak memory and time of one loss step per head and class count, and kNN backend speed."""
-    batch, height, width = (int(v) for v in size.lower().split("x"))
+    try:
+        batch, height, width = (int(v) for v in size.lower().split("x"))
+        counts = [int(c) for c in classes.split(",")]
+    except ValueError:
+        raise click.UsageError(f"--size {size!r} / --classes {classes!r}: expected BxHxW and comma-separated integers")
+    if height % 4 or width % 4:
+        raise click.UsageError(f"--size {size!r}: height and width must be multiples of 4 (decoder stride)")
     if measure:
         head, c = measure.split(":")
         click.echo(json.dumps(measure_step(head, int(c), batch, height, width, repeats, knn)))
         return
     import torch
 
-    counts = [int(c) for c in classes.split(",")]
     head_names = [h.strip() for h in heads.split(",") if h.strip()]
     limit = max_gb * 1e9 if max_gb is not None else available_bytes() - 2e9
     click.echo(f"One training step (forward + backward) of the loss alone, labels {batch} x {height} x {width}, "

@@ -16,8 +16,10 @@ SAMPLINGS = ("nearest", "random")
 
 def softmax_loss(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Cross-entropy of (B, C, H, W) logits against a (B, H, W) mask of ids 1..C, 0 ignored."""
-    target = mask.long() - 1  # class id c -> channel c-1; unlabeled -> -1
-    total = F.cross_entropy(logits.float(), target, ignore_index=-1, reduction="sum")
+    target = mask.long().reshape(-1) - 1  # class id c -> channel c-1; unlabeled -> -1
+    # (B*H*W, C) rows: a view when the logits are channels-last, as the softmax head makes them.
+    rows = logits.float().permute(0, 2, 3, 1).reshape(-1, logits.shape[1])
+    total = F.cross_entropy(rows, target, ignore_index=-1, reduction="sum")
     # An all-unlabeled batch gives 0, not the NaN of a mean over no pixels.
     return total / (target >= 0).sum().clamp_min(1)
 

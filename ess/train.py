@@ -145,7 +145,10 @@ def train(config: dict, out: str | Path, resume: bool = False, stop_after: int |
     if resume:
         state = load_checkpoint(out / "last.pt", map_location=device)
         load_weights(model, state, out / "last.pt")
+        settings = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
         optimizer.load_state_dict(state["optimizer"])
+        for group, own in zip(optimizer.param_groups, settings):  # this config's LRs etc. win over the saved ones
+            group.update(own)
         scaler.load_state_dict(state["scaler"])
         start, best_miou, seconds = state["iteration"], state.get("best_miou"), state.get("seconds", 0.0)
         if start >= stop:

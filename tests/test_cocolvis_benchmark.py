@@ -4,11 +4,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from cocolvis import benchmark
 
-pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 
 
 def test_naive_algorithm_paints_what_file_order_paints(tmp_path):

@@ -23,7 +23,6 @@ from cocolvis.dataset import BuiltDataset, read_label_png
 from cocolvis.vocab import merge_vocabularies, stuff_table
 
 # pycocotools 2.0.x under numpy 2 warns on every decode; the warning is not ours to fix.
-pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 
 FIXTURES = Path(__file__).parent / "fixtures"
 LVIS05 = FIXTURES / "lvis_v0.5_val_100.json"

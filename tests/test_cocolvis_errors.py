@@ -12,7 +12,6 @@ from click.testing import CliRunner
 
 from cocolvis.cli import main
 
-pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 
 FIXTURES = Path(__file__).parent / "fixtures"
 IMAGE = 266409  # a real LVIS v0.5 image, 480x640

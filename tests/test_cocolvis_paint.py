@@ -8,7 +8,6 @@ from pycocotools.coco import COCO
 
 from cocolvis.paint import paint_label_map, painting_sequence
 
-pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 
 
 def square(x0, y0, x1, y1):

@@ -11,7 +11,6 @@ from cocolvis import paint
 from cocolvis.build import JOURNAL, build_split
 from cocolvis.dataset import BuiltDataset, read_label_png
 
-pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 
 
 def inputs(synth_root):

@@ -5,7 +5,6 @@ import json
 from collections import Counter
 
 import numpy as np
-import pytest
 from click.testing import CliRunner
 
 from cocolvis.cli import main
@@ -13,7 +12,6 @@ from cocolvis.dataset import BuiltDataset
 from cocolvis.synth import write_synthetic
 from cocolvis.vocab import read_lvis_categories
 
-pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 
 
 def load(root, name):
