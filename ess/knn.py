@@ -14,7 +14,8 @@ import functools
 import torch
 
 BACKENDS = ("torch", "faiss")
-# The faster backend on a CPU as measured by `python -m ess.benchmark` (see its kNN table).
+# The faster backend in the ESS loss step, as measured by `python -m ess.benchmark --heads ess --knn B`
+# on 2 CPU cores, 2 x 256 x 256 labels: faiss 0.52 s vs torch 0.86 s at 1284 classes, 2.9 s vs 7.7 s at 20000.
 DEFAULT_KNN = "faiss"
 
 # Elements of one queries x classes distance block (float32): 4M elements = 16 MB.
