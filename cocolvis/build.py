@@ -82,18 +82,26 @@ class Grouped:
     ignored: int = 0  # COCO-Stuff annotations of `other` or thing ids
 
 
+def _drop_degenerate(segm, ann: dict, out: Grouped):
+    """The polygons of 3 points or more (RLE unchanged), counting the others; None if none is left."""
+    if not isinstance(segm, list):
+        return segm
+    kept = [poly for poly in segm if len(poly) >= 6]
+    out.degenerate_polygons += len(segm) - len(kept)
+    if not kept:
+        out.degenerate_annotations.append(ann.get("id"))
+        return None
+    return kept
+
+
 def _group_lvis(data: dict, path, images: dict, category_ids: set) -> Grouped:
     """Check LVIS annotations and group them by image as (class id, segmentation, area, annotation id)."""
     out = Grouped()
     for i, ann in enumerate(data["annotations"]):
         segm, img = _check_annotation(ann, i, path, images, category_ids)
-        if isinstance(segm, list):
-            kept = [poly for poly in segm if len(poly) >= 6]
-            out.degenerate_polygons += len(segm) - len(kept)
-            if not kept:
-                out.degenerate_annotations.append(ann.get("id"))
-                continue
-            segm = kept
+        segm = _drop_degenerate(segm, ann, out)
+        if segm is None:
+            continue
         area = ann.get("area")
         area = float(area) if isinstance(area, (int, float)) and not isinstance(area, bool) else None
         out.by_image[img["id"]].append((ann["category_id"], segm, area, ann.get("id")))
@@ -109,13 +117,9 @@ def _group_stuff(data: dict, path, images: dict, category_ids: set, table: np.nd
         if cls == 0:
             out.ignored += 1
             continue
-        if isinstance(segm, list):
-            kept = [poly for poly in segm if len(poly) >= 6]
-            out.degenerate_polygons += len(segm) - len(kept)
-            if not kept:
-                out.degenerate_annotations.append(ann.get("id"))
-                continue
-            segm = kept
+        segm = _drop_degenerate(segm, ann, out)
+        if segm is None:
+            continue
         out.by_image[img["id"]].append((cls, segm, ann.get("id")))
     return out
 
