@@ -15,6 +15,7 @@ from bench.longtail import frequency_order, read_class_stats
 from bench.report import (files_section, fmt, markdown_table, new_figure, plain_log_ticks, save_figure, save_table,
                           write_summary)
 from cocolvis.io import InputError, read_json
+from ess.metrics import per_class_iou
 
 DEFINITION = (
     "Classes are ordered most frequent first by their training pixels (or images) in the data's stats.csv, "
@@ -45,14 +46,6 @@ def read_eval(eval_dir: str | Path) -> dict:
     if not np.issubdtype(confusion.dtype, np.integer) or (confusion < 0).any():
         raise InputError(path, "confusion must hold non-negative integer pixel counts")
     return {"dir": eval_dir, "metrics": metrics, "confusion": confusion.astype(np.int64)}
-
-
-def per_class_iou(confusion: np.ndarray) -> np.ndarray:
-    """IoU of every class from a confusion matrix (rows gt, columns prediction); NaN where absent from both."""
-    tp = np.diag(confusion).astype(np.float64)
-    union = confusion.sum(axis=0) + confusion.sum(axis=1) - tp
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(union > 0, tp / union, np.nan)
 
 
 def topn_miou(iou: np.ndarray, order: np.ndarray) -> np.ndarray:

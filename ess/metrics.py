@@ -39,6 +39,14 @@ class ConfusionMatrix:
         return self.matrix.view(self.num_classes, self.num_classes).numpy()
 
 
+def per_class_iou(confusion: np.ndarray) -> np.ndarray:
+    """IoU of every class from a confusion matrix (rows gt, columns prediction); NaN where absent from both."""
+    tp = np.diag(confusion).astype(np.float64)
+    union = confusion.sum(axis=0) + confusion.sum(axis=1) - tp
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(union > 0, tp / union, np.nan)
+
+
 def compute_metrics(confusion: np.ndarray) -> dict:
     """mIoU, pixel and mean accuracy, frequency-weighted IoU, and per-class arrays.
 
@@ -50,12 +58,11 @@ def compute_metrics(confusion: np.ndarray) -> dict:
     tp = np.diag(confusion).astype(np.float64)
     gt = confusion.sum(1).astype(np.float64)
     pred = confusion.sum(0).astype(np.float64)
-    union = gt + pred - tp
     total = gt.sum()
+    iou = per_class_iou(confusion)
     with np.errstate(divide="ignore", invalid="ignore"):
-        iou = np.where(union > 0, tp / union, np.nan)
         acc = np.where(gt > 0, tp / gt, np.nan)
-    present = union > 0
+    present = gt + pred > 0
     in_gt = gt > 0
     return {
         "miou": float(np.mean(iou[present])) if present.any() else float("nan"),
