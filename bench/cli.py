@@ -10,13 +10,14 @@ from pathlib import Path
 import click
 
 from bench.topn import DEFINITION
+from cocolvis.errors import CommandGroup
 
 _dir = click.Path(exists=True, file_okay=False, path_type=Path)
 _out = click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
                     help="Output directory (created if missing); existing files of the same names are replaced.")
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=CommandGroup, context_settings={"help_option_names": ["-h", "--help"]})
 def main():
     """Analysis of a large-vocabulary segmentation dataset and of the softmax and ESS heads."""
 

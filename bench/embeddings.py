@@ -188,21 +188,21 @@ def run_embeddings(run_dir: str | Path, data: str | Path, out: str | Path, *, im
                    dendrogram_classes: int = 100, max_points: int = 5000, device: str = "auto",
                    echo: bool = True, progress: bool = True) -> dict[str, Path]:
     """Write the embedding analysis of an ESS run, with one image of `data`, into `out`."""
-    from bench.timing import resolve_device
     from ess import config as run_config
     from ess.data import load_pair
+    from ess.device import pick_device
     from ess.run import load_run
 
     run_dir, data, out = Path(run_dir), Path(data), Path(out)
-    config = run_config.load(run_dir / "config.yaml")
+    config = run_config.load(run_dir / "config.yaml").to_dict()
     if config.get("head") != "ess":
         raise InputError(run_dir / "config.yaml", f"head is {config.get('head')!r}: `bench embeddings` needs an ESS run "
                          "(a softmax run has no class embeddings)")
     dataset = BuiltDataset(data, images_root)
     record = find_image(dataset, image_id) if image_id is not None else None
-    device = resolve_device(device)
+    device = pick_device(device)
     run = load_run(run_dir, checkpoint=checkpoint, device=device)
-    config = run.config
+    config = run.config.to_dict()
     normalize = bool(config.get("normalize", True))
     head = run.model.head
     class_emb = head.class_embeddings().detach().float().cpu().numpy()

@@ -73,25 +73,15 @@ PRESETS = {
 }
 
 
-def resolve_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        from cocolvis.io import InputError
-
-        raise InputError(None, "--device cuda: no CUDA device available")
-    return device
-
-
 def timing_plan(preset: str = "cpu", *, classes: list[int] | None = None, size: tuple[int, int] | None = None,
                 batch: int | None = None, encoder: str | None = None, heads: list[str] | None = None,
                 repeats: int | None = None, warmup: int | None = None, device: str = "auto", amp: bool = False,
                 embed_dim: int = 12, threads: int | None = None) -> TimingPlan:
     """The preset's set-up with any explicitly given option overriding it."""
     p = PRESETS[preset]
-    device = resolve_device(device)
+    from ess.device import pick_device
+
+    device = pick_device(device).type  # the timed device is the current one of its type
     if amp and device != "cuda":
         from cocolvis.io import InputError
 

@@ -6,10 +6,12 @@ from pathlib import Path
 
 import click
 
+from cocolvis.errors import CommandGroup
+
 from cocolvis.io import InputError
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=CommandGroup, context_settings={"help_option_names": ["-h", "--help"]})
 def main():
     """Merge COCO-Stuff stuff regions and LVIS instances into one dense 16-bit label map per image."""
 

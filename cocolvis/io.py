@@ -1,4 +1,4 @@
-"""File helpers shared by every command: one-line input errors and atomic writes.
+"""File helpers shared by every command: atomic writes and checked JSON reads.
 
 Every output file is written to a temporary name beside its target and renamed, so
 an interrupted run never leaves a truncated file under the final name.
@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
-import click
+from cocolvis.errors import InputError  # noqa: F401  (re-exported: the errors every reader raises)
 
 
 def _current_umask() -> int:
@@ -23,16 +23,6 @@ def _current_umask() -> int:
 
 _FILE_MODE = 0o666 & ~_current_umask()
 """The mode a plain open() would give a new file (mkstemp's temporaries are 0600)."""
-
-
-class InputError(click.ClickException):
-    """Bad input: click prints it as one line and exits with status 1."""
-
-    def __init__(self, path: str | os.PathLike | None, message: str):
-        super().__init__(f"{path}: {message}" if path is not None else message)
-
-    def __reduce__(self):  # so an error raised in a worker process reaches the parent intact
-        return type(self), (None, self.message)
 
 
 @contextlib.contextmanager

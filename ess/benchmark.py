@@ -96,6 +96,7 @@ def measure_step(head: str, classes: int, batch: int, height: int, width: int, r
     import torch.nn.functional as F
 
     from ess.heads import EssHead, SoftmaxHead
+    from ess.model import ModelArgs
 
     torch.manual_seed(0)
     features = torch.randn(batch, DECODER_CHANNELS, height // 4, width // 4, requires_grad=True)
@@ -103,7 +104,7 @@ def measure_step(head: str, classes: int, batch: int, height: int, width: int, r
     if head == "softmax":
         module = SoftmaxHead(DECODER_CHANNELS, classes)
     else:
-        module = EssHead(DECODER_CHANNELS, classes, embed_dim=EMBED_DIM, k=K, knn=knn)
+        module = EssHead(DECODER_CHANNELS, classes, **ModelArgs(embed_dim=EMBED_DIM, k=K, knn=knn).head_options())
 
     def step():
         output = module(features, (height, width))

@@ -2,9 +2,13 @@
 
     format, version     identify the file as an ess checkpoint
     iteration           iterations completed
+    model_args          ess.model.ModelArgs as a plain dict: rebuilds the network with ess.model alone
     model, optimizer, scaler   state dicts
-    config              the resolved training config
+    config              the run's resolved flat configuration, training settings included (for the record)
     best_miou           best validation mIoU so far (None before the first validation)
+    seconds             training time so far
+
+`load_model` needs nothing but the file: nanoGPT's `model_args` convention.
 """
 from __future__ import annotations
 
@@ -17,9 +21,10 @@ from pathlib import Path
 import torch
 
 from cocolvis.io import InputError, atomic_path
+from ess.model import ModelArgs, Segmenter
 
 FORMAT = "ess-checkpoint"
-VERSION = 1
+VERSION = 2
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
@@ -46,7 +51,7 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
         raise InputError(path, "not an ess checkpoint (no 'format': 'ess-checkpoint' entry)")
     if state.get("version") != VERSION:
         raise InputError(path, f"checkpoint version {state.get('version')!r} is not supported (expected {VERSION})")
-    missing = [k for k in ("iteration", "model", "config") if k not in state]
+    missing = [k for k in ("iteration", "model", "model_args", "config") if k not in state]
     if missing:
         raise InputError(path, f"checkpoint lacks {', '.join(missing)}")
     return state
@@ -60,3 +65,15 @@ def load_weights(model: torch.nn.Module, state: dict, path: str | os.PathLike) -
         first = str(e).strip().splitlines()
         detail = " ".join(" ".join(first[:3]).split())[:300]
         raise InputError(path, f"weights do not fit this model: {detail}") from None
+
+
+def load_model(path: str | os.PathLike, map_location="cpu") -> tuple[Segmenter, dict]:
+    """The network a checkpoint holds, with its weights, in eval mode; and the checkpoint itself."""
+    state = load_checkpoint(path, map_location=map_location)
+    try:
+        args = ModelArgs(**{**state["model_args"], "pretrained": False})  # the checkpoint has the weights
+        model = Segmenter.from_args(args)
+    except (TypeError, ValueError) as e:
+        raise InputError(path, f"model_args do not describe a model of this version: {e}") from None
+    load_weights(model, state, path)
+    return model.to(map_location).eval(), state

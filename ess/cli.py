@@ -6,70 +6,19 @@ from pathlib import Path
 
 import click
 
+from cocolvis.errors import CommandGroup
+
 from cocolvis.io import InputError, read_json
 from ess import config as cfg
-from ess.heads import HEADS
-from ess.knn import BACKENDS
-from ess.losses import SAMPLINGS
-from ess.model import ENCODERS, NORMS
+from ess.options import click_options
 
 PATH = click.Path(path_type=Path)
 EXISTING_DIR = click.Path(exists=True, file_okay=False, path_type=Path)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=CommandGroup, context_settings={"help_option_names": ["-h", "--help"]})
 def main():
     """Train and evaluate softmax and ESS (embedding) segmentation heads on `cocolvis build` output."""
-
-
-# Training options map one to one onto config keys (flag --foo-bar -> key foo_bar).
-TRAIN_OPTIONS = [
-    click.option("--data", type=EXISTING_DIR, help="Training build directory (a `cocolvis build` output)."),
-    click.option("--val-data", type=EXISTING_DIR, help="Validation build directory, evaluated every --val-every iterations."),
-    click.option("--head", type=click.Choice(HEADS), help="softmax: C-way classifier; ess: d-dim embeddings + nearest class."),
-    click.option("--images-root", type=EXISTING_DIR,
-                 help="Images root of both splits [default: the one recorded in each dataset.json]."),
-    click.option("--encoder", type=click.Choice(ENCODERS), help="Encoder network [default: resnet50]."),
-    click.option("--norm", type=click.Choice(NORMS), help="Normalisation layers: BatchNorm or GroupNorm [default: bn]."),
-    click.option("--pretrained/--no-pretrained", default=None, help="Start the encoder from ImageNet weights (needs network access)."),
-    click.option("--embed-dim", type=int, help="ESS embedding dimension d [default: 12]."),
-    click.option("--normalize/--no-norm", "normalize", default=None,
-                 help="L2-normalise pixel and class embeddings (--no-norm for the ablation) [default: on]."),
-    click.option("--k", type=int, help="ESS negatives per pixel [default: 7]."),
-    click.option("--tau", type=float, help="ESS logit scale: logits = -tau * distance [default: 20]."),
-    click.option("--margin", type=float, help="Margin of the class-separation regulariser [default: 0.2]."),
-    click.option("--reg/--no-reg", default=None, help="Class-separation regulariser on or off [default: on]."),
-    click.option("--sampling", type=click.Choice(SAMPLINGS), help="Negatives: nearest classes or uniform random [default: nearest]."),
-    click.option("--knn", type=click.Choice(BACKENDS), help="Nearest-neighbour backend [default: the faster one measured]."),
-    click.option("--knn-chunk", type=int, help="Elements of one pixels x classes distance block in the torch search."),
-    click.option("--iters", type=int, help="Total training iterations [default: 90000]."),
-    click.option("--batch", type=int, help="Images per iteration [default: 16]."),
-    click.option("--crop", type=int, help="Training crop size in pixels [default: 512]."),
-    click.option("--lr", type=float, help="Base learning rate (decoder, head, class embeddings) [default: 0.01]."),
-    click.option("--encoder-lr-mult", type=float, help="Encoder LR as a fraction of --lr [default: 0.1]."),
-    click.option("--momentum", type=float, help="SGD momentum of the network [default: 0.9]."),
-    click.option("--weight-decay", type=float, help="Weight decay of the network [default: 1e-4]."),
-    click.option("--poly-power", type=float, help="Power of the polynomial LR decay [default: 0.9]."),
-    click.option("--embed-momentum", type=float, help="SGD momentum of the class embeddings [default: 0.95]."),
-    click.option("--embed-poly-power", type=float, help="Poly LR power of the class embeddings [default: 0.95]."),
-    click.option("--embed-weight-decay", type=float, help="Weight decay of the class embeddings [default: 0]."),
-    click.option("--scale-min", type=float, help="Smallest random scale [default: 0.5]."),
-    click.option("--scale-max", type=float, help="Largest random scale [default: 2.0]."),
-    click.option("--flip/--no-flip", default=None, help="Random horizontal flips [default: on]."),
-    click.option("--crop-val", type=int, help="Validate on resized centre crops of this size instead of whole images."),
-    click.option("--amp/--no-amp", default=None, help="Mixed precision on CUDA [default: on; no effect on CPU]."),
-    click.option("--seed", type=int, help="Seed of weights, data order and augmentation [default: 0]."),
-    click.option("--workers", type=int, help="DataLoader worker processes [default: 0]."),
-    click.option("--device", type=str, help="auto, cpu, cuda or cuda:N [default: auto]."),
-    click.option("--ckpt-every", type=int, help="Write RUN/last.pt every N iterations [default: 1000]."),
-    click.option("--val-every", type=int, help="Validate every N iterations and keep RUN/best.pt [default: 0, never]."),
-]
-
-
-def train_options(f):
-    for option in reversed(TRAIN_OPTIONS):
-        f = option(f)
-    return f
 
 
 @main.command()
@@ -77,11 +26,11 @@ def train_options(f):
 @click.option("--config", "config_file", type=PATH, help="YAML file of options; flags override it.")
 @click.option("--preset", type=click.Choice(cfg.presets()), help="Named configuration, applied before --config.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last.pt, exactly.")
-@click.option("--stop-after", type=int, help="Stop (with a checkpoint) after this iteration; continue later with --resume.")
+@click.option("--stop-after", type=click.IntRange(min=1), help="Stop (with a checkpoint) after this iteration; continue later with --resume.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-@train_options
+@click_options(*cfg.PARTS.values())
 def train(out, config_file, preset, resume, stop_after, quiet, **options):
-    """Train a softmax or ESS head; writes RUN/config.yaml, log.csv, last.pt (and best.pt)."""
+    """Train a softmax or ESS head; writes RUN/config.yaml, log.csv, last.pt (and val.csv, best.pt)."""
     from ess.train import train as run_training
 
     base = None
@@ -103,9 +52,10 @@ def train(out, config_file, preset, resume, stop_after, quiet, **options):
 @click.option("--out", type=PATH, help="Output directory [default: RUN/eval].")
 @click.option("--save-predictions", is_flag=True, help="Also write EVAL/predictions/<id>.png and a colourised preview.")
 @click.option("--checkpoint", default="best", show_default=True, help="best, last, or a checkpoint file.")
-@click.option("--crop-val", type=int, help="Evaluate resized centre crops of this size [default: the run's setting, else whole images].")
+@click.option("--crop-val", type=click.IntRange(min=1),
+              help="Evaluate resized centre crops of this size [default: the run's setting, else whole images].")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--workers", default=0, show_default=True, help="DataLoader worker processes.")
+@click.option("--workers", default=0, show_default=True, type=click.IntRange(min=0), help="DataLoader worker processes.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def eval_command(run_dir, data, images_root, out, save_predictions, checkpoint, crop_val, device, workers, quiet):
     """Evaluate a run: metrics.json, per_class.csv and confusion.npz."""
@@ -127,9 +77,9 @@ def eval_command(run_dir, data, images_root, out, save_predictions, checkpoint, 
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def predict(run_dir, images, out, checkpoint, device, quiet):
     """Segment IMAGE...: uint16 label maps and overlays with a legend."""
+    from ess.device import pick_device
     from ess.predict import predict_images
     from ess.run import load_run
-    from ess.train import pick_device
 
     dev = pick_device(device)
     run = load_run(run_dir, checkpoint, dev)

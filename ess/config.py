@@ -1,76 +1,91 @@
-"""Training configuration: defaults < preset < YAML file < command-line flags.
+"""Run configuration: defaults < preset < YAML file < command-line flags.
 
-The defaults are the published settings; `ess/configs/<preset>.yaml` holds the named
-presets. The resolved dict (plain YAML types only) is saved as RUN/config.yaml.
+A run's configuration is two typed parts: `ModelArgs` (ess.model: what the network is)
+and `TrainConfig` (below: data, optimisation, augmentation, bookkeeping). Their fields
+are the one source of every option's type, default, bounds, choices and `--help` text.
+YAML files and flags use one flat namespace (`k: 7`, `lr: 0.01`); `ess/configs/<preset>.yaml`
+holds the named presets, and the resolved configuration is saved flat as RUN/config.yaml.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
 import yaml
 
-from cocolvis.io import InputError
-from ess.heads import HEADS
-from ess.knn import BACKENDS, DEFAULT_CHUNK, DEFAULT_KNN
-from ess.losses import SAMPLINGS
-from ess.model import ENCODERS, NORMS
+from cocolvis.io import InputError, write_text
+from ess import options
+from ess.device import DEVICE_PATTERN
+from ess.model import HEADS, ModelArgs
+from ess.options import option
 
-DEFAULTS: dict = {
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How a model is trained: data, optimisation, augmentation, evaluation and bookkeeping."""
+
     # data
-    "head": None,            # softmax | ess (required)
-    "data": None,            # training build directory (required)
-    "val_data": None,        # validation build directory for --val-every
-    "images_root": None,     # overrides the images root recorded in each dataset.json
-    # network
-    "encoder": "resnet50",
-    "norm": "bn",
-    "pretrained": False,
-    "output_stride": 16,
-    "aspp_rates": [6, 12, 18],
-    "encoder_bn_momentum": 0.01,
-    # ESS head
-    "embed_dim": 12,
-    "normalize": True,
-    "k": 7,
-    "tau": 20.0,
-    "margin": 0.2,
-    "reg": True,
-    "sampling": "nearest",
-    "knn": DEFAULT_KNN,
-    "knn_chunk": DEFAULT_CHUNK,
+    data: str | None = option(None, "Training build directory (a `cocolvis build` output).", directory=True)
+    val_data: str | None = option(None, "Validation build directory, evaluated every --val-every iterations.",
+                                  directory=True)
+    images_root: str | None = option(None, "Images root of both splits [default: the one in each dataset.json].",
+                                     directory=True)
     # optimisation
-    "iters": 90000,
-    "batch": 16,
-    "lr": 0.01,
-    "encoder_lr_mult": 0.1,
-    "momentum": 0.9,
-    "weight_decay": 1e-4,
-    "poly_power": 0.9,
-    "embed_momentum": 0.95,
-    "embed_poly_power": 0.95,
-    "embed_weight_decay": 0.0,
-    "amp": True,
+    iters: int = option(90000, "Total training iterations.", low=1)
+    batch: int = option(16, "Images per iteration.", low=1)
+    lr: float = option(0.01, "Base learning rate (decoder, head, class embeddings).", low=0)
+    encoder_lr_mult: float = option(0.1, "Encoder LR as a fraction of --lr.", low=0)
+    momentum: float = option(0.9, "SGD momentum of the network.", low=0, high=1, high_open=True)
+    weight_decay: float = option(1e-4, "Weight decay of the network.", low=0)
+    poly_power: float = option(0.9, "Power of the polynomial LR decay.", low=0)
+    embed_momentum: float = option(0.95, "SGD momentum of the class embeddings.", low=0, high=1, high_open=True)
+    embed_poly_power: float = option(0.95, "Poly LR power of the class embeddings.", low=0)
+    embed_weight_decay: float = option(0.0, "Weight decay of the class embeddings.", low=0)
+    amp: bool = option(True, "Mixed precision on CUDA (no effect on CPU).")
     # augmentation and evaluation
-    "crop": 512,
-    "scale_min": 0.5,
-    "scale_max": 2.0,
-    "flip": True,
-    "crop_val": None,
+    crop: int = option(512, "Training crop size in pixels.", low=1)
+    scale_min: float = option(0.5, "Smallest random scale.", low=0, low_open=True)
+    scale_max: float = option(2.0, "Largest random scale.", low=0, low_open=True)
+    flip: bool = option(True, "Random horizontal flips.")
+    crop_val: int | None = option(None, "Validate on resized centre crops of this size instead of whole images.",
+                                  low=1)
     # bookkeeping
-    "seed": 0,
-    "workers": 0,
-    "device": "auto",
-    "ckpt_every": 1000,
-    "val_every": 0,
-}
+    seed: int = option(0, "Seed of weights, data order and augmentation.", low=0)
+    workers: int = option(0, "DataLoader worker processes.", low=0)
+    device: str = option("auto", "auto, cpu, cuda or cuda:N.", pattern=DEVICE_PATTERN)
+    ckpt_every: int = option(1000, "Write RUN/last.pt every N iterations.", low=1)
+    val_every: int = option(0, "Validate every N iterations and keep RUN/best.pt (0: never).", low=0)
 
-CHOICES = {"head": HEADS, "encoder": ENCODERS, "norm": NORMS, "knn": BACKENDS, "sampling": SAMPLINGS}
-PATHS = ("data", "val_data", "images_root")
-OPTIONAL = ("head", "data", "val_data", "images_root", "crop_val")
-POSITIVE = ("embed_dim", "k", "iters", "batch", "crop", "ckpt_every", "knn_chunk", "output_stride")
-NON_NEGATIVE = ("workers", "val_every", "seed", "tau", "margin", "lr", "weight_decay", "embed_weight_decay")
+
+# Options that YAML and flags may set, and the part each belongs to. num_classes comes from the data.
+PARTS = {"model": ModelArgs, "train": TrainConfig}
+KEYS = {name: part for part, cls in PARTS.items() for name in options.fields(cls) if name != "num_classes"}
+
+
+@dataclass(frozen=True)
+class Config:
+    """A run's resolved configuration: the model's arguments and the training settings."""
+
+    model: ModelArgs = field(default_factory=ModelArgs)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        """Flat, plain YAML types, model options first: what RUN/config.yaml holds."""
+        flat = {**options.plain(self.model), **options.plain(self.train)}
+        return {k: flat[k] for k in KEYS}
+
+    def updated(self, values: dict, source) -> Config:
+        """A copy with flat `values` validated and applied; an unknown key is an InputError naming `source`."""
+        parts = {part: {} for part in PARTS}
+        for key, value in values.items():
+            if key not in KEYS:
+                raise InputError(source, f"unknown option {key!r}")
+            parts[KEYS[key]][key] = value
+        return Config(model=options.updated(self.model, parts["model"], source),
+                      train=options.updated(self.train, parts["train"], source))
 
 
 def presets() -> list[str]:
@@ -78,14 +93,20 @@ def presets() -> list[str]:
 
 
 def read_yaml(path: str | os.PathLike) -> dict:
-    """A YAML mapping; a missing or malformed file, or a non-mapping, is an InputError."""
+    """A YAML mapping; a missing, unreadable or malformed file, or a non-mapping, is an InputError."""
     try:
         with open(path, encoding="utf-8") as f:
             data = yaml.safe_load(f)
     except FileNotFoundError:
         raise InputError(path, "no such file") from None
-    except yaml.YAMLError as e:
-        raise InputError(path, f"malformed YAML: {' '.join(str(e).split())}") from None
+    except IsADirectoryError:
+        raise InputError(path, "is a directory, expected a YAML file") from None
+    except OSError as e:
+        raise InputError(path, f"cannot read: {e.strerror or e}") from None
+    except UnicodeDecodeError:
+        raise InputError(path, "not UTF-8 text") from None
+    except (yaml.YAMLError, RecursionError) as e:
+        raise InputError(path, f"malformed YAML: {' '.join(str(e).split())[:200]}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -100,87 +121,42 @@ def preset_path(name: str) -> Path:
     return path
 
 
-def _check_value(key: str, value, source) -> object:
-    """Validate one value against the type of its default; return it in canonical form."""
-    if key not in DEFAULTS:
-        raise InputError(source, f"unknown option {key!r}")
-    default = DEFAULTS[key]
-    if value is None:
-        if key in OPTIONAL:
-            return None
-        raise InputError(source, f"option {key!r} cannot be empty")
-    if key in PATHS:
-        return str(Path(value).expanduser().resolve())
-    if key == "crop_val":
-        default = 0
-    if key == "head":
-        default = ""
-    expected = type(default)
-    if expected is bool:
-        ok = isinstance(value, bool)
-    elif expected is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        value = float(value) if ok else value
-    elif expected is int:
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    elif expected is list:
-        ok = isinstance(value, (list, tuple)) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
-        value = list(value) if ok else value
-    else:
-        ok = isinstance(value, str)
-    if not ok:
-        raise InputError(source, f"option {key!r} expects {expected.__name__}, got {value!r}")
-    if key in CHOICES and value not in CHOICES[key]:
-        raise InputError(source, f"option {key!r} must be one of {', '.join(CHOICES[key])}, got {value!r}")
-    if key in POSITIVE and value <= 0:
-        raise InputError(source, f"option {key!r} must be positive, got {value!r}")
-    if key in NON_NEGATIVE and value < 0:
-        raise InputError(source, f"option {key!r} must not be negative, got {value!r}")
-    return value
-
-
-def merge(config: dict, updates: dict, source) -> dict:
-    """`config` updated with validated `updates`; `source` names where they came from, for errors."""
-    out = dict(config)
-    for key, value in updates.items():
-        out[key] = _check_value(key, value, source)
-    return out
-
-
 def resolve(preset: str | None = None, config_file: str | os.PathLike | None = None,
-            overrides: dict | None = None, base: dict | None = None) -> dict:
-    """The full training config: `base` (the defaults) < preset < YAML file < overrides."""
-    config = dict(DEFAULTS if base is None else base)
+            overrides: dict | None = None, base: Config | None = None) -> Config:
+    """The full configuration: `base` (the defaults) < preset < YAML file < overrides (None: not given)."""
+    config = base or Config()
     if preset:
         path = preset_path(preset)
-        config = merge(config, read_yaml(path), path)
+        config = config.updated(read_yaml(path), path)
     if config_file:
-        config = merge(config, read_yaml(config_file), config_file)
-    config = merge(config, {k: v for k, v in (overrides or {}).items() if v is not None}, "command line")
-    return config
+        config = config.updated(read_yaml(config_file), config_file)
+    return config.updated({k: v for k, v in (overrides or {}).items() if v is not None}, "command line")
 
 
-def check_for_training(config: dict, source="config") -> None:
+def check_for_training(config: Config, source="config") -> None:
     """Cross-option checks that only matter once a run starts."""
-    if not config.get("head"):
+    model, train = config.model, config.train
+    if not model.head:
         raise InputError(source, f"no head given: pass --head {'|'.join(HEADS)}")
-    if not config.get("data"):
+    if not train.data:
         raise InputError(source, "no training data given: pass --data TRAIN_DIR")
-    if config["scale_min"] > config["scale_max"] or config["scale_min"] <= 0:
-        raise InputError(source, f"scale range {config['scale_min']}-{config['scale_max']} is not a valid range")
-    if config["norm"] == "bn" and config["batch"] < 2:
+    if train.scale_min > train.scale_max:
+        raise InputError(source, f"scale range {train.scale_min}-{train.scale_max} is not a valid range")
+    if model.norm == "bn" and train.batch < 2:
         raise InputError(source, "batch 1 cannot train BatchNorm layers: use --batch 2 or more, or --norm gn")
-    if config["val_every"] and not config.get("val_data"):
+    if train.val_every and not train.val_data:
         raise InputError(source, "--val-every needs --val-data VAL_DIR")
 
 
-def save(config: dict, path: str | os.PathLike) -> None:
-    from cocolvis.io import write_text
-
-    write_text(path, yaml.safe_dump(config, sort_keys=False))
+def save(config: Config, path: str | os.PathLike) -> None:
+    write_text(path, yaml.safe_dump(config.to_dict(), sort_keys=False))
 
 
-def load(path: str | os.PathLike) -> dict:
+def load(path: str | os.PathLike) -> Config:
     """A saved RUN/config.yaml, validated against the current options."""
-    data = read_yaml(path)
-    return merge(DEFAULTS, data, path)
+    return Config().updated(read_yaml(path), path)
+
+
+def replace_train(config: Config, **changes) -> Config:
+    """A copy with training settings changed (unvalidated: for values the code itself derives)."""
+    return dataclasses.replace(config, train=dataclasses.replace(config.train, **changes))

@@ -7,7 +7,6 @@ whatever the number of loader workers, which is what makes resuming exact.
 """
 from __future__ import annotations
 
-import click
 import cv2
 import numpy as np
 import torch
@@ -43,7 +42,10 @@ class SampleError(InputError):
             prefix = f"{type(self).__module__}.{type(self).__name__}: "
             lines = [line for line in message.splitlines() if line.startswith(prefix)]
             message = lines[-1][len(prefix):] if lines else message.strip().splitlines()[-1]
-        click.ClickException.__init__(self, message)
+        super().__init__(None, message)
+
+    def __reduce__(self):
+        return type(self), (self.message,)
 
 
 def load_pair(dataset: BuiltDataset, record: dict) -> tuple[np.ndarray, np.ndarray]:

@@ -20,7 +20,9 @@ from tqdm import tqdm
 from cocolvis.dataset import BuiltDataset, mask_name
 from cocolvis.io import InputError, atomic_open, atomic_path, write_json
 from ess.data import EvalSamples
+from ess.device import pick_device
 from ess.metrics import ConfusionMatrix, compute_metrics
+from ess.run import load_run
 from ess.visualize import colorize
 
 PER_CLASS_FIELDS = ("id", "name", "source", "frequency", "iou", "acc", "gt_pixels", "gt_images", "pred_pixels")
@@ -94,9 +96,6 @@ def evaluate_run(run_dir: str | Path, data: str | Path, images_root: str | Path 
                  out: str | Path | None = None, save_predictions: bool = False, checkpoint: str = "best",
                  crop: int | None = None, device: str = "auto", progress: bool = True, workers: int = 0) -> dict:
     """`ess eval`: load a run, evaluate it on a build directory, write the outputs; returns metrics.json."""
-    from ess.run import load_run
-    from ess.train import pick_device
-
     dev = pick_device(device)
     run = load_run(run_dir, checkpoint=checkpoint, device=dev)
     dataset = BuiltDataset(data, images_root)
@@ -105,8 +104,8 @@ def evaluate_run(run_dir: str | Path, data: str | Path, images_root: str | Path 
                          f"{dataset.num_classes} classes that differ from the run's {len(run.classes)} "
                          f"in {run.dir / 'classes.json'}")
     out = Path(out) if out is not None else run.dir / "eval"
-    crop = crop if crop is not None else run.config.get("crop_val")
-    metrics = evaluate_model(run.model, dataset, dev, crop=crop, amp=bool(run.config.get("amp")),
+    crop = crop if crop is not None else run.config.train.crop_val
+    metrics = evaluate_model(run.model, dataset, dev, crop=crop, amp=run.config.train.amp,
                              predictions_dir=out / "predictions" if save_predictions else None,
                              progress=progress, workers=workers)
-    return write_eval(out, metrics, dataset.classes, run.config["head"], run.dir, dataset.root)
+    return write_eval(out, metrics, dataset.classes, run.model.args.head, run.dir, dataset.root)

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ess.knn import DEFAULT_CHUNK, DEFAULT_KNN, knn
+from ess.knn import knn
 from ess.losses import ess_pixel_loss, separation_loss, softmax_loss
 
 HEADS = ("softmax", "ess")
@@ -46,9 +46,10 @@ class EssHead(nn.Module):
     The output holds d channels whatever C is; a pixel's class is its nearest class embedding.
     """
 
-    def __init__(self, in_channels: int, num_classes: int, embed_dim: int = 12, normalize: bool = True,
-                 k: int = 7, tau: float = 20.0, margin: float = 0.2, knn: str = DEFAULT_KNN,
-                 sampling: str = "nearest", reg: bool = True, chunk: int = DEFAULT_CHUNK):
+    def __init__(self, in_channels: int, num_classes: int, *, embed_dim: int, normalize: bool, k: int, tau: float,
+                 margin: float, knn: str, sampling: str, reg: bool, chunk: int):
+        """The loss settings are `ess.model.ModelArgs` fields (see their help there): k negatives per
+        pixel, logits -tau * distance, the regulariser's margin and switch, the search backend and chunk."""
         super().__init__()
         self.num_classes = num_classes
         self.normalize = normalize

@@ -30,7 +30,7 @@ def euclidean(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def sample_negatives(pixels: torch.Tensor, class_emb: torch.Tensor, target: torch.Tensor, k: int,
-                     sampling: str = "nearest", knn: str = "torch", chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
+                     sampling: str, knn: str, chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
     """(P, k) class indices != target: the k nearest to each pixel, or k drawn uniformly."""
     num_classes = class_emb.shape[0]
     k = min(k, num_classes - 1)
@@ -43,9 +43,8 @@ def sample_negatives(pixels: torch.Tensor, class_emb: torch.Tensor, target: torc
     raise ValueError(f"unknown sampling {sampling!r}; expected one of {', '.join(SAMPLINGS)}")
 
 
-def ess_pixel_loss(pixels: torch.Tensor, target: torch.Tensor, class_emb: torch.Tensor, *, k: int = 7,
-                   tau: float = 20.0, sampling: str = "nearest", knn: str = "torch",
-                   chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
+def ess_pixel_loss(pixels: torch.Tensor, target: torch.Tensor, class_emb: torch.Tensor, *, k: int,
+                   tau: float, sampling: str, knn: str, chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
     """Cross-entropy over [target, k negatives] with logits -tau * distance.
 
     pixels (P, d) embeddings of labelled pixels, target (P,) class indices 0..C-1,
@@ -65,8 +64,7 @@ def ess_pixel_loss(pixels: torch.Tensor, target: torch.Tensor, class_emb: torch.
     return F.cross_entropy(logits, torch.zeros_like(target))
 
 
-def separation_loss(class_emb: torch.Tensor, margin: float = 0.2, knn: str = "torch",
-                    chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
+def separation_loss(class_emb: torch.Tensor, margin: float, knn: str, chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
     """Mean over classes of max(0, margin - distance to the nearest other class)."""
     num_classes = class_emb.shape[0]
     if num_classes < 2:

@@ -1,33 +1,117 @@
-"""DeepLabV3+ (segmentation-models-pytorch encoder and decoder) with a swappable head."""
+"""DeepLabV3+ (segmentation-models-pytorch encoder and decoder) with a swappable head.
+
+`ModelArgs` holds everything that defines the network; `Segmenter.from_args(args)`
+builds it, and a checkpoint's `model_args` rebuild it with this module alone.
+"""
 from __future__ import annotations
 
+import dataclasses
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cocolvis.io import InputError
+from ess import options
 from ess.heads import HEADS, EssHead, SoftmaxHead
+from ess.knn import BACKENDS, DEFAULT_CHUNK, DEFAULT_KNN
+from ess.losses import SAMPLINGS
+from ess.options import option
 
 ENCODERS = ("resnet18", "resnet50", "resnet101", "mobilenet_v2")
 NORMS = ("bn", "gn")
-ESS_OPTIONS = ("k", "tau", "margin", "knn", "sampling", "reg", "chunk")
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    """Everything that defines the network, and nothing about training: saved in every checkpoint."""
+
+    head: str | None = option(None, "softmax: C-way classifier; ess: d-dim embeddings + nearest class.", choices=HEADS)
+    num_classes: int = option(0, "Number of classes C (taken from the training data).", low=0, cli=False)
+    encoder: str = option("resnet50", "Encoder network.", choices=ENCODERS)
+    norm: str = option("bn", "Normalisation layers: BatchNorm or GroupNorm.", choices=NORMS)
+    pretrained: bool = option(False, "Start the encoder from ImageNet weights (needs network access).")
+    output_stride: int = option(16, "Encoder output stride.", choices=(8, 16))
+    aspp_rates: tuple[int, ...] = option((6, 12, 18), "ASPP dilation rates.", low=1, cli=False)
+    encoder_bn_momentum: float = option(0.01, "BatchNorm momentum of the encoder.", low=0, high=1)
+    embed_dim: int = option(12, "ESS embedding dimension d.", low=1)
+    normalize: bool = option(True, "L2-normalise pixel and class embeddings (--no-norm for the ablation).",
+                             flag="--normalize/--no-norm")
+    k: int = option(7, "ESS negatives per pixel.", low=1)
+    tau: float = option(20.0, "ESS logit scale: logits = -tau * distance.", low=0, low_open=True)
+    margin: float = option(0.2, "Margin of the class-separation regulariser.", low=0)
+    reg: bool = option(True, "Class-separation regulariser on or off.")
+    sampling: str = option("nearest", "Negatives: the nearest classes, or drawn uniformly at random.",
+                           choices=SAMPLINGS)
+    knn: str = option(DEFAULT_KNN, "Nearest-neighbour search backend.", choices=BACKENDS)
+    knn_chunk: int = option(DEFAULT_CHUNK, "Elements of one pixels x classes distance block in the torch search.",
+                            low=1)
+
+    def head_options(self) -> dict:
+        """The keyword arguments of the ESS head (the softmax head has none)."""
+        return dict(embed_dim=self.embed_dim, normalize=self.normalize, k=self.k, tau=self.tau, margin=self.margin,
+                    knn=self.knn, sampling=self.sampling, reg=self.reg, chunk=self.knn_chunk)
+
+
+class PretrainedWeightsError(RuntimeError):
+    """The ImageNet weights of the encoder could not be loaded (e.g. no network)."""
 
 
 class Segmenter(nn.Module):
     """encoder -> decoder -> head; input of any size, output at input resolution."""
 
-    def __init__(self, encoder: nn.Module, decoder: nn.Module, head: nn.Module, output_stride: int = 16):
+    def __init__(self, encoder: nn.Module, decoder: nn.Module, head: nn.Module, args: ModelArgs):
         super().__init__()
         self.encoder = encoder
         self.decoder = decoder
         self.head = head
-        self.output_stride = output_stride
+        self.args = args
+        self.output_stride = args.output_stride
+
+    @classmethod
+    def from_args(cls, args: ModelArgs) -> Segmenter:
+        """The DeepLabV3+ network that `args` describe, freshly initialised (or ImageNet-pretrained)."""
+        import segmentation_models_pytorch as smp
+
+        args = options.updated(args, dataclasses.asdict(args), "model arguments")  # re-validate every field
+        if args.head is None or args.num_classes < 1:
+            raise ValueError(f"model arguments need a head and num_classes >= 1, got {args.head!r}, {args.num_classes}")
+        try:
+            net = smp.DeepLabV3Plus(encoder_name=args.encoder, encoder_weights="imagenet" if args.pretrained else None,
+                                    encoder_output_stride=args.output_stride,
+                                    decoder_atrous_rates=tuple(args.aspp_rates), classes=1)
+        except Exception as e:  # smp fetches weights from the network; offline this fails in many ways
+            if not args.pretrained:
+                raise
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise PretrainedWeightsError(f"could not load ImageNet weights for {args.encoder}: {reason}") from None
+        for m in net.encoder.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.momentum = args.encoder_bn_momentum
+        if args.norm == "gn":
+            batchnorm_to_groupnorm(net.encoder)
+            batchnorm_to_groupnorm(net.decoder)
+        channels = net.segmentation_head[0].in_channels
+        if args.head == "softmax":
+            head = SoftmaxHead(channels, args.num_classes)
+        else:
+            head = EssHead(channels, args.num_classes, **args.head_options())
+        return cls(net.encoder, net.decoder, head, args)
 
     @property
     def head_name(self) -> str:
-        return "ess" if isinstance(self.head, EssHead) else "softmax"
+        return self.args.head
+
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        """The parameters by optimiser group: encoder, decoder (with the head's layers), class_embeddings."""
+        embeddings = [self.head.embeddings] if isinstance(self.head, EssHead) else []
+        taken = {id(p) for p in embeddings} | {id(p) for p in self.encoder.parameters()}
+        groups = {"encoder": list(self.encoder.parameters()),
+                  "decoder": [p for p in self.parameters() if id(p) not in taken]}
+        if embeddings:
+            groups["class_embeddings"] = embeddings
+        return groups
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[-2:]
@@ -67,44 +151,6 @@ def batchnorm_to_groupnorm(module: nn.Module) -> nn.Module:
     return module
 
 
-def build_model(head: str, num_classes: int, *, encoder: str = "resnet50", embed_dim: int = 12, norm: str = "bn",
-                normalize: bool = True, pretrained: bool = False, output_stride: int = 16,
-                aspp_rates: tuple[int, ...] = (6, 12, 18), encoder_bn_momentum: float = 0.01,
-                **head_options) -> Segmenter:
-    """A DeepLabV3+ Segmenter with the `softmax` or `ess` head.
-
-    `head_options` are the ESS loss settings (k, tau, margin, knn, sampling, reg, chunk);
-    the softmax head has none and ignores them.
-    """
-    import segmentation_models_pytorch as smp
-
-    if head not in HEADS:
-        raise ValueError(f"unknown head {head!r}; expected one of {', '.join(HEADS)}")
-    if encoder not in ENCODERS:
-        raise ValueError(f"unknown encoder {encoder!r}; expected one of {', '.join(ENCODERS)}")
-    if norm not in NORMS:
-        raise ValueError(f"unknown norm {norm!r}; expected one of {', '.join(NORMS)}")
-    unknown = set(head_options) - set(ESS_OPTIONS)
-    if unknown:
-        raise TypeError(f"unknown head options: {', '.join(sorted(unknown))}")
-    try:
-        net = smp.DeepLabV3Plus(encoder_name=encoder, encoder_weights="imagenet" if pretrained else None,
-                                encoder_output_stride=output_stride, decoder_atrous_rates=tuple(aspp_rates), classes=1)
-    except Exception as e:  # smp fetches weights from the network; offline this fails in many ways
-        if not pretrained:
-            raise
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise InputError(None, f"--pretrained: could not load ImageNet weights for {encoder} "
-                               f"(no network or no weights available): {reason}") from None
-    for m in net.encoder.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.momentum = encoder_bn_momentum
-    if norm == "gn":
-        batchnorm_to_groupnorm(net.encoder)
-        batchnorm_to_groupnorm(net.decoder)
-    channels = net.segmentation_head[0].in_channels
-    if head == "softmax":
-        head_module = SoftmaxHead(channels, num_classes)
-    else:
-        head_module = EssHead(channels, num_classes, embed_dim=embed_dim, normalize=normalize, **head_options)
-    return Segmenter(net.encoder, net.decoder, head_module, output_stride)
+def build_model(head: str, num_classes: int, **args) -> Segmenter:
+    """Shorthand for `Segmenter.from_args(ModelArgs(head=head, num_classes=num_classes, **args))`."""
+    return Segmenter.from_args(ModelArgs(head=head, num_classes=num_classes, **args))

@@ -5,6 +5,7 @@ and <stem>_overlay.png (the prediction over the image, with a legend of the clas
 """
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import cv2
@@ -29,28 +30,39 @@ def read_rgb(path: Path):
 def predict_image(run: Run, image, device: torch.device):
     """(H, W) int64 numpy class ids for one RGB uint8 image."""
     x = to_tensor(image)[None].to(device)
-    with torch.autocast(device.type, dtype=torch.float16, enabled=bool(run.config.get("amp")) and device.type == "cuda"):
+    with torch.autocast(device.type, dtype=torch.float16, enabled=run.config.train.amp and device.type == "cuda"):
         output = run.model(x)
     return run.model.predict(output)[0].cpu().numpy()
 
 
 def predict_images(run: Run, images: list[str | Path], out: str | Path, device: torch.device,
                    progress: bool = True) -> list[Path]:
-    """Write the label map and the overlay of every image; returns the label map paths."""
+    """Write the label map and the overlay of every image; returns the label map paths.
+
+    Every image is checked to exist before any output is written; a failure in a fresh
+    `out` leaves no directory behind.
+    """
     images = [Path(p) for p in images]
     stems: dict[str, Path] = {}
     for p in images:
         if p.stem in stems:
             raise InputError(p, f"has the same name as {stems[p.stem]}; outputs are named by file name")
         stems[p.stem] = p
+        if not p.is_file():
+            raise InputError(p, "no such image file")
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    fresh = not out.exists()
     names = [c["name"] for c in run.classes]
     written = []
-    for path in tqdm(images, desc="predict", unit="img", disable=not progress, dynamic_ncols=True):
-        image = read_rgb(path)
-        labels = predict_image(run, image, device)
-        write_label_png(out / f"{path.stem}.png", labels)
-        write_rgb_png(out / f"{path.stem}_overlay.png", overlay_with_legend(image, labels, names))
-        written.append(out / f"{path.stem}.png")
+    try:
+        for path in tqdm(images, desc="predict", unit="img", disable=not progress, dynamic_ncols=True):
+            image = read_rgb(path)
+            labels = predict_image(run, image, device)
+            write_label_png(out / f"{path.stem}.png", labels)
+            write_rgb_png(out / f"{path.stem}_overlay.png", overlay_with_legend(image, labels, names))
+            written.append(out / f"{path.stem}.png")
+    except BaseException:
+        if fresh:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     return written

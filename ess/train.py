@@ -8,72 +8,54 @@ Together with the saved weights, optimiser and scaler state this makes
 from __future__ import annotations
 
 import csv
+import dataclasses
 import math
+import shutil
 import time
 from pathlib import Path
 
-import click
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from cocolvis.dataset import BuiltDataset
+from cocolvis.errors import OneLineError
 from cocolvis.io import InputError, atomic_open, write_json
 from ess import config as cfg
 from ess.checkpoint import load_checkpoint, load_weights, save_checkpoint
+from ess.config import Config, TrainConfig
 from ess.data import TrainSamples, train_loader
-from ess.model import Segmenter, build_model
+from ess.device import pick_device
+from ess.evaluate import evaluate_model
+from ess.model import ModelArgs, PretrainedWeightsError, Segmenter
 
 LOG_FIELDS = ("iteration", "loss", "lr", "seconds")
+VAL_FIELDS = ("iteration", "miou", "pixel_acc")
 
 
-class TrainingError(click.ClickException):
-    """Training cannot go on (e.g. the loss diverged): one line, exit status 1."""
+class TrainingError(OneLineError):
+    """Training cannot go on (e.g. the loss diverged): one line at the command line, exit status 1."""
 
 
-def pick_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def model_from_config(config: dict, num_classes: int) -> Segmenter:
-    """The Segmenter a run's config describes."""
-    head_options = {}
-    if config["head"] == "ess":
-        head_options = dict(k=config["k"], tau=config["tau"], margin=config["margin"], knn=config["knn"],
-                            sampling=config["sampling"], reg=config["reg"], chunk=config["knn_chunk"])
-    return build_model(config["head"], num_classes, encoder=config["encoder"], embed_dim=config["embed_dim"],
-                       norm=config["norm"], normalize=config["normalize"], pretrained=config["pretrained"],
-                       output_stride=config["output_stride"], aspp_rates=tuple(config["aspp_rates"]),
-                       encoder_bn_momentum=config["encoder_bn_momentum"], **head_options)
-
-
-def make_optimizer(model: Segmenter, config: dict) -> torch.optim.SGD:
-    """SGD with three parameter groups, each with its own base LR, momentum and poly power."""
-    embeddings = [model.head.embeddings] if hasattr(model.head, "embeddings") else []
-    taken = {id(p) for p in embeddings} | {id(p) for p in model.encoder.parameters()}
-    rest = [p for p in model.parameters() if id(p) not in taken]
-    groups = [
-        dict(name="encoder", params=list(model.encoder.parameters()), base_lr=config["lr"] * config["encoder_lr_mult"],
-             momentum=config["momentum"], weight_decay=config["weight_decay"], power=config["poly_power"]),
-        dict(name="decoder", params=rest, base_lr=config["lr"],
-             momentum=config["momentum"], weight_decay=config["weight_decay"], power=config["poly_power"]),
-    ]
-    if embeddings:
-        groups.append(dict(name="class_embeddings", params=embeddings, base_lr=config["lr"],
-                           momentum=config["embed_momentum"], weight_decay=config["embed_weight_decay"],
-                           power=config["embed_poly_power"]))
-    for g in groups:
-        g["lr"] = g["base_lr"]
-    return torch.optim.SGD(groups, lr=config["lr"])
+def make_optimizer(model: Segmenter, train: TrainConfig) -> torch.optim.SGD:
+    """SGD over the model's parameter groups, each with its own base LR, momentum, decay and poly power."""
+    network = dict(momentum=train.momentum, weight_decay=train.weight_decay, power=train.poly_power)
+    settings = {
+        "encoder": dict(base_lr=train.lr * train.encoder_lr_mult, **network),
+        "decoder": dict(base_lr=train.lr, **network),
+        "class_embeddings": dict(base_lr=train.lr, momentum=train.embed_momentum,
+                                 weight_decay=train.embed_weight_decay, power=train.embed_poly_power),
+    }
+    groups = [dict(name=name, params=params, lr=settings[name]["base_lr"], **settings[name])
+              for name, params in model.param_groups().items()]
+    return torch.optim.SGD(groups, lr=train.lr)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, iteration: int, total: int) -> float:
     """Polynomial decay lr = base * (1 - i/total)^power per group; returns the decoder's LR."""
     for g in optimizer.param_groups:
         g["lr"] = g["base_lr"] * (1 - iteration / total) ** g["power"]
-    return optimizer.param_groups[1]["lr"]
+    return next(g["lr"] for g in optimizer.param_groups if g["name"] == "decoder")
 
 
 def step_seed(seed: int, iteration: int) -> int:
@@ -95,79 +77,103 @@ def tensorboard_writer(out: Path):
     return SummaryWriter(str(out / "tb"))
 
 
-def open_log(path: Path, keep_until: int):
-    """Open RUN/log.csv for appending, first dropping rows past `keep_until` (a resumed run redoes them)."""
+def open_log(path: Path, fields: tuple[str, ...], keep_until: int):
+    """Open a RUN/*.csv log for appending, first dropping rows past `keep_until` (a resumed run redoes them)."""
     rows = []
     if keep_until > 0 and path.exists():
         with open(path, newline="", encoding="utf-8") as f:
             rows = [r for r in csv.DictReader(f) if int(r["iteration"]) <= keep_until]
     with atomic_open(path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, LOG_FIELDS)
+        writer = csv.DictWriter(f, fields)
         writer.writeheader()
         writer.writerows(rows)
     return open(path, "a", newline="", encoding="utf-8")
 
 
-def train(config: dict, out: str | Path, resume: bool = False, stop_after: int | None = None,
-          progress: bool = True) -> dict:
-    """Train one run into `out`; returns {"iteration", "best_miou", "seconds"}."""
-    from ess.evaluate import evaluate_model  # evaluate imports this module's helpers
+def open_datasets(train: TrainConfig) -> tuple[TrainConfig, BuiltDataset, BuiltDataset | None]:
+    """The training and validation builds; the returned settings record the images root actually used."""
+    train_set = BuiltDataset(train.data, train.images_root)
+    recorded = train_set.meta.get("images_root")
+    if train.images_root is None and recorded is not None:
+        train = dataclasses.replace(train, images_root=str(Path(recorded).resolve()))  # saved in config.yaml
+    # The validation split reads its own recorded root unless the training one was overridden.
+    overridden = recorded is None or train.images_root != str(Path(recorded).resolve())
+    val_set = BuiltDataset(train.val_data, train.images_root if overridden else None) if train.val_data else None
+    check_same_classes(train_set, val_set)
+    return train, train_set, val_set
 
+
+def new_model(args: ModelArgs) -> Segmenter:
+    try:
+        return Segmenter.from_args(args)
+    except PretrainedWeightsError as e:
+        raise InputError(None, f"{e}; train from scratch with --no-pretrained") from None
+
+
+def train(config: Config, out: str | Path, resume: bool = False, stop_after: int | None = None,
+          progress: bool = True) -> dict:
+    """Train one run into `out`; returns {"iteration", "best_miou", "seconds"}.
+
+    A run that fails before its first checkpoint leaves no directory behind it.
+    """
     out = Path(out).resolve()
     cfg.check_for_training(config)
     if not resume and (out / "last.pt").exists():
         raise InputError(out, "already holds a run (last.pt): pass --resume to continue it, or another --out")
-    device = pick_device(config["device"])
-    amp = config["amp"] and device.type == "cuda"
-    total = config["iters"]
-    stop = total if stop_after is None else min(stop_after, total)
+    fresh = not out.exists()
+    try:
+        return _train(config, out, resume, stop_after, progress)
+    except BaseException:
+        if fresh and out.exists() and not (out / "last.pt").exists():
+            shutil.rmtree(out, ignore_errors=True)
+        raise
 
-    # Data.
-    train_set = BuiltDataset(config["data"], config["images_root"])
-    recorded = train_set.meta.get("images_root")
-    if config["images_root"] is None and recorded is not None:
-        config = {**config, "images_root": str(Path(recorded).resolve())}  # saved resolved in config.yaml
-    # The validation split reads its own recorded root unless the training one was overridden.
-    overridden = recorded is None or config["images_root"] != str(Path(recorded).resolve())
-    val_set = (BuiltDataset(config["val_data"], config["images_root"] if overridden else None)
-               if config["val_data"] else None)
-    check_same_classes(train_set, val_set)
-    samples = TrainSamples(train_set, config["crop"], (config["scale_min"], config["scale_max"]),
-                           config["flip"], config["seed"])
+
+def _train(config: Config, out: Path, resume: bool, stop_after: int | None, progress: bool) -> dict:
+    settings, train_set, val_set = open_datasets(config.train)
+    device = pick_device(settings.device)
+    amp = settings.amp and device.type == "cuda"
+    total = settings.iters
+    stop = total if stop_after is None else min(stop_after, total)
+    samples = TrainSamples(train_set, settings.crop, (settings.scale_min, settings.scale_max), settings.flip,
+                           settings.seed)
 
     # Model, optimiser, mixed-precision scaler.
-    torch.manual_seed(config["seed"])
-    model = model_from_config({**config, "pretrained": config["pretrained"] and not resume},
-                              train_set.num_classes).to(device)
-    optimizer = make_optimizer(model, config)
+    torch.manual_seed(settings.seed)
+    args = dataclasses.replace(config.model, num_classes=train_set.num_classes,
+                               pretrained=config.model.pretrained and not resume)
+    model = new_model(args).to(device)
+    optimizer = make_optimizer(model, settings)
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
     start, best_miou, seconds = 0, None, 0.0
     if resume:
         state = load_checkpoint(out / "last.pt", map_location=device)
         load_weights(model, state, out / "last.pt")
-        settings = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+        own = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
         optimizer.load_state_dict(state["optimizer"])
-        for group, own in zip(optimizer.param_groups, settings):  # this config's LRs etc. win over the saved ones
-            group.update(own)
+        for group, mine in zip(optimizer.param_groups, own):  # this config's LRs etc. win over the saved ones
+            group.update(mine)
         scaler.load_state_dict(state["scaler"])
         start, best_miou, seconds = state["iteration"], state.get("best_miou"), state.get("seconds", 0.0)
         if start >= stop:
             return {"iteration": start, "best_miou": best_miou, "seconds": seconds}
+    config = dataclasses.replace(config, train=settings)
     out.mkdir(parents=True, exist_ok=True)
     cfg.save(config, out / "config.yaml")
     write_json(out / "classes.json", train_set.classes)
 
     def checkpoint(path: Path, iteration: int) -> None:
-        save_checkpoint(path, {"iteration": iteration, "model": model.state_dict(),
-                               "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                               "config": config, "best_miou": best_miou, "seconds": seconds,
-                               "num_classes": train_set.num_classes})
+        save_checkpoint(path, {"iteration": iteration, "model_args": dataclasses.asdict(model.args),
+                               "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                               "scaler": scaler.state_dict(), "config": config.to_dict(),
+                               "best_miou": best_miou, "seconds": seconds})
 
-    log = open_log(out / "log.csv", start)
+    log = open_log(out / "log.csv", LOG_FIELDS, start)
     log_writer = csv.DictWriter(log, LOG_FIELDS)
+    val_log = open_log(out / "val.csv", VAL_FIELDS, start) if val_set is not None else None
     tb = tensorboard_writer(out)
-    loader = train_loader(samples, config["batch"], start, stop, config["workers"], pin_memory=device.type == "cuda")
-    bar = tqdm(total=stop, initial=start, desc=f"train {config['head']}", unit="it", disable=not progress,
+    loader = train_loader(samples, settings.batch, start, stop, settings.workers, pin_memory=device.type == "cuda")
+    bar = tqdm(total=stop, initial=start, desc=f"train {args.head}", unit="it", disable=not progress,
                dynamic_ncols=True)
     model.train()
     last_saved = start if resume else None
@@ -175,7 +181,7 @@ def train(config: dict, out: str | Path, resume: bool = False, stop_after: int |
     try:
         for iteration, (images, masks) in zip(range(start, stop), loader):
             lr = set_lr(optimizer, iteration, total)
-            torch.manual_seed(step_seed(config["seed"], iteration))
+            torch.manual_seed(step_seed(settings.seed, iteration))
             images = images.to(device, non_blocking=True)
             masks = masks.to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
@@ -203,10 +209,13 @@ def train(config: dict, out: str | Path, resume: bool = False, stop_after: int |
             bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", refresh=False)
             bar.update()
 
-            if val_set is not None and config["val_every"] and (done % config["val_every"] == 0 or done == total):
-                metrics = evaluate_model(model, val_set, device, crop=config["crop_val"], amp=amp, progress=False)
+            if val_log is not None and settings.val_every and (done % settings.val_every == 0 or done == total):
+                metrics = evaluate_model(model, val_set, device, crop=settings.crop_val, amp=amp, progress=False)
                 model.train()
                 miou = metrics["miou"]
+                csv.DictWriter(val_log, VAL_FIELDS).writerow(
+                    {"iteration": done, "miou": f"{miou:.6g}", "pixel_acc": f"{metrics['pixel_acc']:.6g}"})
+                val_log.flush()
                 if tb is not None:
                     tb.add_scalar("val/miou", miou, done)
                 bar.write(f"iteration {done}: val mIoU {miou:.4f}")
@@ -214,12 +223,14 @@ def train(config: dict, out: str | Path, resume: bool = False, stop_after: int |
                     best_miou = miou
                     checkpoint(out / "best.pt", done)
                 tick = time.perf_counter()  # validation time is not training time
-            if done % config["ckpt_every"] == 0 or done == stop:
+            if done % settings.ckpt_every == 0 or done == stop:
                 checkpoint(out / "last.pt", done)
                 last_saved = done
     finally:
         bar.close()
         log.close()
+        if val_log is not None:
+            val_log.close()
         if tb is not None:
             tb.close()
     return {"iteration": stop, "best_miou": best_miou, "seconds": seconds}

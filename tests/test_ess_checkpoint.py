@@ -1,9 +1,11 @@
-"""Checkpoints load with weights_only=True; truncated and foreign files are one clear error."""
+"""Checkpoints load with weights_only=True, rebuild their model alone; bad files are one clear error."""
+import dataclasses
+
 import pytest
 import torch
 
 from cocolvis.io import InputError
-from ess.checkpoint import load_checkpoint, load_weights, save_checkpoint
+from ess.checkpoint import load_checkpoint, load_model, load_weights, save_checkpoint
 from ess.model import build_model
 
 
@@ -15,7 +17,8 @@ def saved(tmp_path_factory):
     model(torch.randn(2, 3, 32, 32)).sum().backward()
     opt.step()
     path = tmp_path_factory.mktemp("ckpt") / "last.pt"
-    save_checkpoint(path, {"iteration": 3, "model": model.state_dict(), "optimizer": opt.state_dict(),
+    save_checkpoint(path, {"iteration": 3, "model_args": dataclasses.asdict(model.args),
+                           "model": model.state_dict(), "optimizer": opt.state_dict(),
                            "config": {"head": "ess", "aspp_rates": [6, 12, 18], "crop_val": None},
                            "best_miou": None})
     return path, model
@@ -31,6 +34,24 @@ def test_round_trip_with_weights_only(saved):
     for (name, a), b in zip(model.state_dict().items(), fresh.state_dict().values()):
         assert torch.equal(a, b), name
     assert state["optimizer"]["state"]  # momentum buffers survive
+
+
+def test_the_checkpoint_alone_rebuilds_the_model(saved):
+    path, model = saved
+    rebuilt, state = load_model(path)
+    assert rebuilt.args == model.args and rebuilt.args.embed_dim == 4 and not rebuilt.training
+    for (name, a), b in zip(model.state_dict().items(), rebuilt.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_model_args_of_another_version(saved, tmp_path):
+    path, _ = saved
+    state = torch.load(path, weights_only=True)
+    state["model_args"]["temperature"] = 3
+    bad = tmp_path / "bad.pt"
+    torch.save(state, bad)
+    with pytest.raises(InputError, match="bad.pt: model_args do not describe a model"):
+        load_model(bad)
 
 
 def test_truncated_checkpoint(saved, tmp_path):

@@ -6,7 +6,13 @@ import torch
 import torch.nn.functional as F
 
 from ess.heads import EssHead
+from ess.model import ModelArgs
 from ess.losses import ess_pixel_loss, sample_negatives, separation_loss, softmax_loss
+
+
+def ess_head(in_channels: int, num_classes: int, **args) -> EssHead:
+    """An ESS head with the default model arguments, some overridden."""
+    return EssHead(in_channels, num_classes, **ModelArgs(head="ess", **args).head_options())
 
 
 def reference_ess_loss(pixels, target, classes, k, tau):
@@ -38,7 +44,7 @@ def test_ess_loss_equals_brute_force(knn, normalize):
         classes, pixels = F.normalize(classes, dim=1), F.normalize(pixels, dim=1)
     target = torch.randint(0, 23, (64,), generator=g)
     pixels[:20] = classes[target[:20]] + 0.01 * torch.randn(20, 5, generator=g)  # target nearest: must be skipped
-    got = ess_pixel_loss(pixels, target, classes, k=7, tau=20.0, knn=knn)
+    got = ess_pixel_loss(pixels, target, classes, k=7, tau=20.0, sampling="nearest", knn=knn)
     assert got.item() == pytest.approx(reference_ess_loss(pixels, target, classes, 7, 20.0), rel=1e-5, abs=1e-6)
 
 
@@ -46,7 +52,7 @@ def test_ess_loss_with_fewer_classes_than_k():
     g = torch.Generator().manual_seed(1)
     classes, pixels = torch.randn(4, 3, generator=g), torch.randn(10, 3, generator=g)
     target = torch.randint(0, 4, (10,), generator=g)
-    got = ess_pixel_loss(pixels, target, classes, k=7, tau=2.0)
+    got = ess_pixel_loss(pixels, target, classes, k=7, tau=2.0, sampling="nearest", knn="torch")
     assert got.item() == pytest.approx(reference_ess_loss(pixels, target, classes, 3, 2.0), rel=1e-5)
 
 
@@ -57,7 +63,7 @@ def test_target_never_among_negatives(sampling):
     target = torch.randint(0, 10, (5000,), generator=g)
     pixels = classes[target] + 0.001 * torch.randn(5000, 4, generator=g)
     torch.manual_seed(0)
-    neg = sample_negatives(pixels, classes, target, 7, sampling)
+    neg = sample_negatives(pixels, classes, target, 7, sampling, "torch")
     assert neg.shape == (5000, 7)
     assert not (neg == target[:, None]).any()
     assert neg.min() >= 0 and neg.max() <= 9
@@ -66,7 +72,7 @@ def test_target_never_among_negatives(sampling):
 def test_random_negatives_are_uniform_over_the_other_classes():
     torch.manual_seed(0)
     target = torch.full((20000,), 3)
-    neg = sample_negatives(torch.zeros(20000, 2), torch.randn(6, 2), target, 5, "random")
+    neg = sample_negatives(torch.zeros(20000, 2), torch.randn(6, 2), target, 5, "random", "torch")
     counts = torch.bincount(neg.flatten(), minlength=6).double()
     assert counts[3] == 0
     others = counts[[0, 1, 2, 4, 5]]
@@ -79,13 +85,13 @@ def test_separation_loss_equals_brute_force():
     classes = F.normalize(torch.randn(50, 12, generator=g), dim=1)
     classes[7] = classes[3] + 0.01  # a close pair, inside the margin
     for margin in (0.2, 1.0, 5.0):
-        assert separation_loss(classes, margin).item() == pytest.approx(reference_separation(classes, margin), rel=1e-5)
-    assert separation_loss(classes[:1], 0.2).item() == 0.0
+        assert separation_loss(classes, margin, "torch").item() == pytest.approx(reference_separation(classes, margin), rel=1e-5)
+    assert separation_loss(classes[:1], 0.2, "torch").item() == 0.0
 
 
 def test_gradients_reach_class_and_pixel_embeddings():
     torch.manual_seed(0)
-    head = EssHead(16, num_classes=30, embed_dim=12, k=7)
+    head = ess_head(16, 30, embed_dim=12, k=7)
     features = torch.randn(2, 16, 8, 8, requires_grad=True)
     out = head(features, (32, 32))
     mask = torch.randint(0, 31, (2, 32, 32))
@@ -100,7 +106,7 @@ def test_gradients_reach_class_and_pixel_embeddings():
 
 def test_regulariser_adds_to_the_loss():
     torch.manual_seed(0)
-    head = EssHead(8, num_classes=5, embed_dim=3, margin=5.0)  # every pair is inside a margin of 5
+    head = ess_head(8, 5, embed_dim=3, margin=5.0)  # every pair is inside a margin of 5
     out = head(torch.randn(1, 8, 4, 4), (8, 8))
     mask = torch.randint(1, 6, (1, 8, 8))
     with_reg = head.loss(out, mask)
@@ -120,7 +126,7 @@ def test_softmax_loss_ignores_unlabeled():
 
 def test_all_unlabeled_batches_give_zero_not_nan():
     assert softmax_loss(torch.randn(1, 3, 4, 4), torch.zeros(1, 4, 4, dtype=torch.long)).item() == 0.0
-    head = EssHead(4, 3, embed_dim=2, reg=False)
+    head = ess_head(4, 3, embed_dim=2, reg=False)
     out = head(torch.randn(1, 4, 2, 2), (4, 4))
     loss = head.loss(out, torch.zeros(1, 4, 4, dtype=torch.long))
     assert loss.item() == 0.0

@@ -1,4 +1,5 @@
 """Training, resuming, evaluating and predicting on the synthetic build; bad input as one line."""
+import dataclasses
 import json
 import shutil
 
@@ -16,7 +17,8 @@ from ess.cli import main
 from ess.evaluate import evaluate_model
 from ess.metrics import compute_metrics
 from ess.run import load_run
-from ess.train import TrainingError, model_from_config, train
+from ess.model import Segmenter
+from ess.train import TrainingError, train
 
 from conftest import TINY_RUN_OPTIONS
 
@@ -42,7 +44,7 @@ def test_resume_n_plus_n_equals_2n(built_train, tmp_path):
     config = small_config(built_train, "ess", sampling="random", iters=4, ckpt_every=4)
     train(config, tmp_path / "straight", progress=False)
     # The same run interrupted after 2 iterations, resumed for the other 2, with a different worker count.
-    train({**config, "workers": 1}, tmp_path / "split", stop_after=2, progress=False)
+    train(cfg.replace_train(config, workers=1), tmp_path / "split", stop_after=2, progress=False)
     assert load_checkpoint(tmp_path / "split" / "last.pt")["iteration"] == 2
     train(config, tmp_path / "split", resume=True, progress=False)
     a = load_checkpoint(tmp_path / "straight" / "last.pt")
@@ -68,9 +70,9 @@ def test_train_command_stops_and_resumes(built_train, built_val, tmp_path):
     assert result.exit_code == 0, result.output
     assert load_checkpoint(run / "last.pt")["iteration"] == 1
     saved = cfg.load(run / "config.yaml")
-    assert saved["head"] == "softmax" and saved["crop"] == 32 and saved["encoder"] == "resnet18"
-    assert saved["data"] == str(built_train.resolve())
-    assert saved["images_root"] == json.loads((built_train / "dataset.json").read_text())["images_root"]
+    assert saved.model.head == "softmax" and saved.train.crop == 32 and saved.model.encoder == "resnet18"
+    assert saved.train.data == str(built_train.resolve())
+    assert saved.train.images_root == json.loads((built_train / "dataset.json").read_text())["images_root"]
     # Resuming takes the saved config; a flag given again overrides it (here: validate at the end).
     result = runner.invoke(main, ["train", "--out", str(run), "--resume", "--quiet", "--val-data", str(built_val),
                                   "--val-every", "2"])
@@ -79,6 +81,8 @@ def test_train_command_stops_and_resumes(built_train, built_val, tmp_path):
     assert load_checkpoint(run / "best.pt")["iteration"] == 2
     assert load_run(run).checkpoint.name == "best.pt"
     assert pd.read_csv(run / "log.csv")["iteration"].tolist() == [1, 2]
+    val = pd.read_csv(run / "val.csv")  # the learning curve
+    assert val["iteration"].tolist() == [2] and 0 <= val["miou"][0] <= 1
 
 
 def test_a_run_is_not_overwritten_without_resume(built_train, tmp_path):
@@ -103,7 +107,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(built_train, tmp_path
     run = tmp_path / "run"
     with pytest.raises(TrainingError) as e:
         train(small_config(built_train, iters=6, ckpt_every=2), run, progress=False)
-    message = e.value.message
+    message = str(e.value)
     assert "iteration 3: loss is nan" in message and "last.pt (iteration 2) kept" in message
     assert "\n" not in message
     assert load_checkpoint(run / "last.pt")["iteration"] == 2
@@ -116,8 +120,9 @@ def test_tiny_training_beats_the_untrained_network(tiny_runs, built_train, built
     run = tiny_runs[head]
     trained = json.loads((run / "eval" / "metrics.json").read_text())
     config = cfg.resolve("tiny", None, {**TINY_RUN_OPTIONS, "head": head, "data": str(built_train)})
-    torch.manual_seed(config["seed"])  # the initial weights of that run
-    untrained = evaluate_model(model_from_config(config, 1284), BuiltDataset(built_val), torch.device("cpu"),
+    torch.manual_seed(config.train.seed)  # the initial weights of that run
+    untrained_model = Segmenter.from_args(dataclasses.replace(config.model, num_classes=1284))
+    untrained = evaluate_model(untrained_model, BuiltDataset(built_val), torch.device("cpu"),
                                progress=False)
     assert trained["miou"] > untrained["miou"]
     assert trained["pixel_acc"] > untrained["pixel_acc"] + 0.05
@@ -202,7 +207,8 @@ def test_load_run(tiny_runs, built_train):
     run = load_run(tiny_runs["ess"])
     assert run.checkpoint.name == "last.pt"  # no validation, so no best.pt: falls back to last
     assert not run.model.training
-    assert run.config["head"] == "ess" and run.config["data"] == str(built_train.resolve())
+    assert run.config.model.head == "ess" and run.config.train.data == str(built_train.resolve())
+    assert run.model.args == dataclasses.replace(run.config.model, num_classes=1284)
     assert len(run.classes) == 1284 and run.classes[0]["id"] == 1
     assert run.model.head.class_embeddings().shape == (1284, 12)
 
@@ -232,6 +238,26 @@ def test_mask_ids_above_the_class_count(built_train, tmp_path, train_args):
     one_line_error(CliRunner().invoke(main, train_args + ["--data", str(data), "--workers", "1"]),
                    "class id 1300 exceeds")
     assert not (tmp_path / "run" / "last.pt").exists()
+
+
+def test_a_failed_run_leaves_no_directory(built_train, tmp_path, train_args):
+    data = tmp_path / "data"
+    shutil.copytree(built_train, data)
+    for mask in (data / "masks").glob("*.png"):
+        mask.write_bytes(b"not a png")
+    one_line_error(CliRunner().invoke(main, train_args + ["--data", str(data)]), "masks")
+    assert not (tmp_path / "run").exists()
+
+
+def test_pretrained_offline_names_the_way_out(built_train, tmp_path, train_args, monkeypatch):
+    from ess import model
+
+    def offline(args):
+        raise model.PretrainedWeightsError("could not load ImageNet weights for resnet18: no network")
+
+    monkeypatch.setattr(model.Segmenter, "from_args", staticmethod(offline))
+    result = CliRunner().invoke(main, train_args + ["--data", str(built_train), "--pretrained"])
+    one_line_error(result, "resnet18", "--no-pretrained")
 
 
 def test_missing_image(built_train, tmp_path, train_args):
