@@ -28,9 +28,12 @@ import cv2
 import numpy as np
 import pycocotools.mask as mask_utils
 
-from cocolvis.build import CHUNK, build_split, mask_tasks, plan_build, read_inputs, run_tasks, worker_pool
+from cocolvis.build import build_split
 from cocolvis.dataset import mask_name, read_label_png
+from cocolvis.inputs import read_inputs
 from cocolvis.paint import to_rle, write_mask
+from cocolvis.plan import mask_tasks, plan_build
+from cocolvis.pool import CHUNK, run_tasks, worker_pool
 from cocolvis.synth import write_synthetic
 
 
@@ -103,12 +106,11 @@ def _timed(fn, tasks, workers: int, repeat: int, root: Path) -> tuple[float, flo
                 for _ in map(fn, tasks):
                     pass
             else:
-                for _ in pool.imap_unordered(fn, tasks, chunksize=CHUNK):
+                for _ in pool.map(fn, tasks, chunksize=CHUNK):
                     pass
             best_wall = min(best_wall, time.perf_counter() - start)
             if pool is not None:
-                pool.close()
-                pool.join()  # so the workers' CPU time is counted
+                pool.shutdown(wait=True)  # so the workers' CPU time is counted
             best_cpu = min(best_cpu, _cpu_seconds() - cpu)
     return best_wall, best_cpu
 

@@ -3,8 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cocolvis.build import SKIP_REASONS
-from cocolvis.dataset import BuiltDataset
+from cocolvis.dataset import SKIP_REASONS, BuiltDataset
 from cocolvis.io import read_json
 from cocolvis.vocab import describe
 

@@ -10,9 +10,10 @@ from cocolvis import benchmark
 
 
 def test_naive_algorithm_paints_what_file_order_paints(tmp_path):
-    from cocolvis.build import mask_tasks, plan_build, read_inputs
     from cocolvis.dataset import mask_name, read_label_png
+    from cocolvis.inputs import read_inputs
     from cocolvis.paint import write_mask
+    from cocolvis.plan import mask_tasks, plan_build
     from cocolvis.synth import write_synthetic
 
     info = write_synthetic(tmp_path / "s", train=5, val=0, size=(60, 80), seed=4, n_things=12, n_stuff=8,

@@ -182,24 +182,19 @@ def test_lvis_category_ids_must_be_1_to_n(good, tmp_path):
 
 
 @pytest.mark.parametrize("workers", ["1", "2"])
-def test_undecodable_segmentation_is_named(good, tmp_path, workers):
-    """Found by the worker that decodes it (also across the process pool): one line, exit 1."""
+def test_rle_running_past_the_image_is_refused_before_painting(good, tmp_path, workers):
     lvis, stuff = copy.deepcopy(good)
     ann = lvis["annotations"][-1]
     too_long = mask_utils.encode(np.ones((1000, 1000), np.uint8, order="F"))["counts"].decode()
     ann["segmentation"] = {"size": [480, 640], "counts": too_long}  # runs past the end of the image
     result, paths = run_build(tmp_path, lvis, [stuff], "--workers", workers)
-    assert result.exit_code == 1, result.output
-    lines = [line for line in result.stderr.splitlines() if line.startswith("Error")]  # not the progress bar
-    assert lines == [f"Error: {paths[0]}: annotation {ann['id']} (image {IMAGE}): cannot decode its segmentation: "
-                     "Invalid RLE mask representation"]
-    assert not (tmp_path / "out" / "images.jsonl").exists()
+    assert_one_line_error(result, paths[0], f"annotation {ann['id']}: RLE `counts` cover 1000000 pixels, "
+                                            "not the image's 307200", out=tmp_path / "out")
 
 
 def test_non_numeric_polygon_is_named(good, tmp_path):
     lvis, stuff = copy.deepcopy(good)
     stuff["annotations"][0]["segmentation"] = [[1, 2, "x", 4, 5, 6]]
     result, paths = run_build(tmp_path, lvis, [stuff])
-    assert result.exit_code == 1
-    assert result.stderr.splitlines()[-1].startswith(f"Error: {paths[1]}: annotation {stuff['annotations'][0]['id']} (image {IMAGE}): "
-                                    "cannot decode its segmentation")
+    assert_one_line_error(result, paths[1], f"annotation {stuff['annotations'][0]['id']}: "
+                                            "polygon coordinates must be numbers", out=tmp_path / "out")

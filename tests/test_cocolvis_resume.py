@@ -8,8 +8,10 @@ import numpy as np
 import pytest
 
 from cocolvis import paint
-from cocolvis.build import JOURNAL, build_split
+from cocolvis.build import build_split
+from cocolvis.journal import JOURNAL
 from cocolvis.dataset import BuiltDataset, read_label_png
+from cocolvis.io import InputError
 
 
 
@@ -95,12 +97,16 @@ def test_lost_masks_cut_journal_and_stale_temporaries_are_repaired(synth_root, t
     assert outputs(out) == fresh
 
 
-def test_other_options_repaint_everything(synth_root, tmp_path):
+def test_other_options_are_refused_unless_overwrite(synth_root, tmp_path):
     out = tmp_path / "train"
     build_split(out=out, workers=1, **inputs(synth_root))
-    summary = build_split(out=out, workers=1, order="file", **inputs(synth_root))
+    with pytest.raises(InputError, match="pass --overwrite"):
+        build_split(out=out, workers=1, order="file", **inputs(synth_root))
+    (out / "masks" / "000999999999.png").write_bytes(b"a stale mask of another split")
+    summary = build_split(out=out, workers=1, order="file", overwrite=True, **inputs(synth_root))
     assert summary["images_resumed"] == 0 and summary["images_painted"] == 24
     assert json.loads((out / "dataset.json").read_text())["options"]["order"] == "file"
+    assert len(list((out / "masks").iterdir())) == 24  # the stale mask is gone
 
 
 def test_limit_then_the_rest(synth_root, tmp_path, fresh):
