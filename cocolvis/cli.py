@@ -68,7 +68,7 @@ def synth(out, train, val, size, seed):
               help="COCO-Stuff stuff annotation file; repeat for several (LVIS v1 val needs train2017 and val2017).")
 @click.option("--lvis", required=True, type=click.Path(path_type=Path),
               help="LVIS annotation file of the split to build.")
-@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
+@click.option("--out", required=True, type=click.Path(path_type=Path),
               help="Output directory; a re-run into it resumes, skipping masks already written.")
 @click.option("--images-root", type=click.Path(file_okay=False, path_type=Path),
               help="Directory holding train2017/ and val2017/; recorded in dataset.json for the trainer.")
