@@ -248,19 +248,30 @@ class BuiltDataset:
         return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
     def stats(self):
-        """stats.csv as a pandas DataFrame indexed by class id, its columns checked."""
+        """stats.csv as a pandas DataFrame indexed by class id (see `read_stats`)."""
         import pandas as pd
 
-        path = self.root / "stats.csv"
-        if not path.exists():
-            raise InputError(path, "missing: not a `cocolvis build` output")
-        try:
-            stats = pd.read_csv(path)
-        except (ValueError, OSError, UnicodeDecodeError, pd.errors.ParserError) as e:
-            raise InputError(path, f"unreadable CSV: {e}") from None
-        if tuple(stats.columns) != STATS_COLUMNS:
-            raise InputError(path, f"expected the columns {', '.join(STATS_COLUMNS)}")
-        numeric = [c for c in STATS_COLUMNS if c != "name"]
-        if not all(pd.api.types.is_integer_dtype(stats[c]) for c in numeric) or (stats[numeric] < 0).any().any():
-            raise InputError(path, "counts must be non-negative integers")
-        return stats.set_index("id")
+        return pd.DataFrame(read_stats(self.root / "stats.csv")).set_index("id")
+
+
+def read_stats(path: Path) -> dict[str, np.ndarray]:
+    """stats.csv as {column: array}, the columns STATS_COLUMNS, counts non-negative integers."""
+    if not path.exists():
+        raise InputError(path, "missing: not a `cocolvis build` output")
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            rows = list(csv.reader(f))
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise InputError(path, f"unreadable CSV: {e}") from None
+    if not rows or tuple(rows[0]) != STATS_COLUMNS:
+        raise InputError(path, f"expected the columns {', '.join(STATS_COLUMNS)}")
+    columns = {}
+    for j, name in enumerate(STATS_COLUMNS):
+        values = [row[j] if len(row) == len(STATS_COLUMNS) else None for row in rows[1:]]
+        if name == "name":
+            columns[name] = np.array(values, dtype=object)
+            continue
+        if not all(v is not None and v.isdigit() for v in values):
+            raise InputError(path, "counts must be non-negative integers, one per column of each row")
+        columns[name] = np.array([int(v) for v in values], np.int64)
+    return columns

@@ -17,7 +17,7 @@ import numpy as np
 
 from cocolvis.io import InputError, read_json
 from cocolvis.paint import Stuff, Thing
-from cocolvis.validate import (check_image_size, check_polygon, check_rle_strings, check_uncompressed_counts,
+from cocolvis.validate import (check_image_size, check_polygons, check_rle_strings, check_uncompressed_counts,
                                is_int)
 from cocolvis.vocab import (COCO_ID_LIMIT, check_categories, check_lvis_categories, check_stuff_kind,
                             merge_vocabularies, stuff_table)
@@ -90,6 +90,7 @@ class _Checker:
     def __init__(self, path, images: dict, category_ids: set):
         self.path, self.images, self.category_ids = path, images, category_ids
         self.rle_strings, self.rle_pixels, self.rle_names = [], [], []
+        self.polygons, self.polygon_sizes, self.polygon_names = [], [], []
         self.seen_ids = set()
 
     def fail(self, name: str, problem: str):
@@ -118,9 +119,11 @@ class _Checker:
         h, w = img["height"], img["width"]
         if isinstance(segm, list):
             for poly in segm:
-                problem = check_polygon(poly, h, w)
-                if problem:
-                    self.fail(name, problem)
+                if type(poly) is not list or len(poly) % 2:
+                    self.fail(name, "a polygon must be a flat list of x, y pairs")
+                self.polygons.append(poly)
+                self.polygon_sizes.append((h, w))
+                self.polygon_names.append(name)
             return
         if not isinstance(segm, dict):
             self.fail(name, "`segmentation` must be polygons or an RLE")
@@ -140,7 +143,10 @@ class _Checker:
             self.rle_names.append(name)
 
     def finish(self) -> None:
-        """Check the collected compressed RLE strings; the first bad one is the error."""
+        """Check the collected polygons and compressed RLE strings at once; the first bad one is the error."""
+        heights, widths = [s[0] for s in self.polygon_sizes], [s[1] for s in self.polygon_sizes]
+        for index, problem in check_polygons(self.polygons, heights, widths)[:1]:
+            self.fail(self.polygon_names[index], problem)
         for index, problem in check_rle_strings(self.rle_strings, self.rle_pixels)[:1]:
             self.fail(self.rle_names[index], problem)
 

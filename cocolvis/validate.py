@@ -23,6 +23,7 @@ difference from the count two before it.
 """
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -78,6 +79,53 @@ def check_polygon(poly, height: int, width: int) -> str | None:
         if outline > MAX_OUTLINE:
             return f"polygon outline of {outline:.0f} pixels exceeds the limit of {MAX_OUTLINE}"
     return None
+
+
+def check_polygons(polygons: list, heights: list, widths: list) -> list[tuple[int, str]]:
+    """`check_polygon` for many polygons at once: (index, problem) of the bad ones, all in numpy
+    but for one pass over the values' types. The polygons must be flat lists of even length."""
+    bad, start = [], 0
+    while start < len(polygons):  # batches of about a million values keep the copies small
+        stop, size = start, 0
+        while stop < len(polygons) and size < 1 << 20:
+            size += len(polygons[stop])
+            stop += 1
+        bad += [(start + i, why) for i, why in _check_polygon_batch(polygons[start:stop], heights[start:stop],
+                                                                    widths[start:stop])]
+        start = stop
+    return bad
+
+
+def _check_polygon_batch(polygons: list, heights: list, widths: list) -> list[tuple[int, str]]:
+    flat = list(itertools.chain.from_iterable(polygons))
+    try:
+        if not set(map(type, flat)) <= {int, float}:
+            raise TypeError
+        xy = np.array(flat, np.float64).reshape(-1, 2)
+    except (TypeError, OverflowError):  # find the culprit, polygon by polygon
+        return [(i, p) for i, p in ((i, check_polygon(poly, h, w))
+                                    for i, (poly, h, w) in enumerate(zip(polygons, heights, widths))) if p][:1]
+    points = np.fromiter(map(len, polygons), np.int64, len(polygons)) // 2
+    starts = np.cumsum(points) - points
+    nonempty = points > 0
+    starts_ne = starts[nonempty]
+    if not np.isfinite(xy).all():
+        problem = np.zeros(len(polygons), bool)
+        problem[np.flatnonzero(nonempty)] = np.logical_or.reduceat(~np.isfinite(xy).all(axis=1), starts_ne)
+        return [(int(np.argmax(problem)), "polygon coordinates must be finite")]
+    lo = np.full((len(polygons), 2), 0.0)
+    hi = np.full((len(polygons), 2), 0.0)
+    lo[nonempty] = np.minimum.reduceat(xy, starts_ne)
+    hi[nonempty] = np.maximum.reduceat(xy, starts_ne)
+    limit = np.stack([np.asarray(widths, np.float64), np.asarray(heights, np.float64)], 1) + POLYGON_MARGIN
+    outside = (lo < -POLYGON_MARGIN).any(axis=1) | (hi > limit).any(axis=1)
+    outline = points * ((hi - lo).max(axis=1) + 1) > MAX_OUTLINE  # the cheap bound; exact below
+    found = []
+    for i in np.flatnonzero(outside | outline):
+        problem = check_polygon(polygons[i], heights[i], widths[i])
+        if problem:
+            found.append((int(i), problem))
+    return found
 
 
 def check_uncompressed_counts(counts: list, height: int, width: int) -> str | None:
@@ -141,8 +189,13 @@ def _check_batch(strings: list[str], pixels: list[int]) -> list[tuple[int, str]]
         if len(good):
             found += [(int(good[j]), why) for j, why in _check_batch([strings[i] for i in good], [pixels[i] for i in good])]
         return found
-    k = (np.arange(len(c), dtype=np.int32) - np.repeat(starts, nchars).astype(np.int32)) * 5
-    x = np.add.reduceat((c & 0x1F).astype(np.int64) << k, starts)
+    digits = c & np.uint8(0x1F)
+    x = digits[starts].astype(np.int64)
+    for k in range(1, MAX_RLE_CHARS):  # the k-th character of the counts that have one
+        longer = np.flatnonzero(nchars > k)
+        if not len(longer):
+            break
+        x[longer] |= digits[starts[longer] + k].astype(np.int64) << (5 * k)
     x -= np.where(c[stops] & 0x10, np.int64(1) << (5 * nchars), 0)  # the sign bit
     per_string = np.diff(np.concatenate(([0], np.searchsorted(stops, ends - 1, side="right"))))
     first_value = np.cumsum(per_string) - per_string
