@@ -48,7 +48,7 @@ def build_split(coco, lvis, out, images_root=None, workers: int | None = None, o
     with worker_pool(workers) as pool:
         inputs = read_inputs(coco, lvis, say=tqdm.write if progress else lambda line: None)
         plan = plan_build(inputs, limit)
-        key = fingerprint([inputs.lvis_path, *inputs.coco_paths], inputs.classes, order)
+        key = fingerprint([inputs.lvis_path, *inputs.coco_paths], inputs.digests, inputs.classes, order)
         with claim(out, key, overwrite):
             try:
                 results, resumed = _write_masks(inputs, plan, out, order, key, pool, workers, progress)

@@ -26,9 +26,9 @@ LVIS_IMAGE_LISTS = ("not_exhaustive_category_ids", "neg_category_ids")
 """Per-image category lists every LVIS image carries (v0.5 and v1); COCO files have none."""
 
 
-def read_annotation_file(path: str | Path) -> dict:
-    """Load a COCO-format annotation file and check its top-level structure."""
-    data = read_json(path)
+def read_annotation_file(path: str | Path, digests: dict | None = None) -> dict:
+    """Load a COCO-format annotation file and check its top-level structure (`digests`: see `read_json`)."""
+    data = read_json(path, digests)
     if not isinstance(data, dict):
         raise InputError(path, "expected a JSON object with `images`, `annotations` and `categories`")
     for key in ("images", "annotations", "categories"):
@@ -234,6 +234,7 @@ class Inputs:
     things: Grouped
     coco_images: dict  # image id -> (image, path)
     stuff: Grouped
+    digests: list  # SHA-256 of the LVIS file, then of each COCO-Stuff file
 
 
 def _reading(path: Path, say) -> Path:
@@ -279,11 +280,12 @@ def read_inputs(coco: Iterable, lvis, say: Callable[[str], None] = lambda line: 
         raise InputError(None, "at least one COCO-Stuff file (--coco) is needed")
     if len(set(map(os.path.abspath, coco_paths))) != len(coco_paths):
         raise InputError(None, "the same COCO-Stuff file is given twice")
-    coco_data = [(p, read_annotation_file(_reading(p, say))) for p in coco_paths]
+    digests: dict = {}
+    coco_data = [(p, read_annotation_file(_reading(p, say), digests)) for p in coco_paths]
     if os.path.abspath(lvis_path) in set(map(os.path.abspath, coco_paths)):
         raise InputError(lvis_path, "given both as --lvis and as --coco")
     stuff_list = _stuff_categories(coco_data)
-    data = read_annotation_file(_reading(lvis_path, say))
+    data = read_annotation_file(_reading(lvis_path, say), digests)
     check_lvis_kind(data, lvis_path)
     lvis_cats = check_lvis_categories(data["categories"], lvis_path)
     classes = merge_vocabularies(lvis_cats, stuff_list)
@@ -303,4 +305,5 @@ def read_inputs(coco: Iterable, lvis, say: Callable[[str], None] = lambda line: 
     lvis_ids = {c["id"] for c in lvis_cats}
     _check_lvis_image_lists(lvis_index.values(), lvis_path, lvis_ids)
     things = group_lvis(data, lvis_path, lvis_index, lvis_ids)
-    return Inputs(lvis_path, coco_paths, classes, list(lvis_index.values()), things, coco_images, stuff)
+    return Inputs(lvis_path, coco_paths, classes, list(lvis_index.values()), things, coco_images, stuff,
+                  [digests[p] for p in [lvis_path, *coco_paths]])

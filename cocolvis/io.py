@@ -6,6 +6,7 @@ an interrupted run never leaves a truncated file under the final name.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -81,11 +82,17 @@ def write_text(path: str | os.PathLike, text: str) -> None:
         f.write(text)
 
 
-def read_json(path: str | os.PathLike) -> Any:
-    """Load a JSON file, turning a missing, unreadable or malformed file into an InputError."""
+def read_json(path: str | os.PathLike, digests: dict | None = None) -> Any:
+    """Load a JSON file, turning a missing, unreadable or malformed file into an InputError.
+
+    With `digests`, the SHA-256 of the file's bytes is stored in it under `path`.
+    """
     try:
         with open(path, "rb") as f:
-            return json.load(f)
+            data = f.read()
+        if digests is not None:
+            digests[path] = hashlib.sha256(data).hexdigest()
+        return json.loads(data)
     except FileNotFoundError:
         raise InputError(path, "no such file") from None
     except IsADirectoryError:

@@ -19,12 +19,9 @@ from cocolvis.paint import MaskResult
 JOURNAL = ".journal.jsonl"
 
 
-def fingerprint(input_paths: Iterable[Path], classes: list, order: str) -> str:
-    """What the masks depend on: the input files (path, size, mtime), the classes and the order."""
-    ident = []
-    for p in input_paths:
-        st = os.stat(p)
-        ident.append([os.path.abspath(p), st.st_size, st.st_mtime_ns])
+def fingerprint(input_paths: Iterable[Path], digests: Iterable[str], classes: list, order: str) -> str:
+    """What the masks depend on: the input files (path and content digest), the classes and the order."""
+    ident = [[os.path.abspath(p), d] for p, d in zip(input_paths, digests)]
     blob = json.dumps({"files": ident, "classes": classes, "order": order, "version": FORMAT_VERSION}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
