@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+from array import array
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -17,18 +18,38 @@ import numpy as np
 
 from cocolvis.io import InputError, read_json
 from cocolvis.paint import Stuff, Thing
-from cocolvis.validate import (check_image_size, check_polygons, check_rle_strings, check_uncompressed_counts,
+from cocolvis.validate import (POLYGON_TYPES, check_image_size, check_polygons, check_rle_strings, check_uncompressed_counts,
                                is_int)
 from cocolvis.vocab import (COCO_ID_LIMIT, check_categories, check_lvis_categories, check_stuff_kind,
                             merge_vocabularies, stuff_table)
 
+NUMBER_TYPES = {int, float}
 LVIS_IMAGE_LISTS = ("not_exhaustive_category_ids", "neg_category_ids")
 """Per-image category lists every LVIS image carries (v0.5 and v1); COCO files have none."""
 
 
+def _compact_polygons(obj: dict) -> dict:
+    """json's object hook: an annotation's polygons of plain numbers become arrays of doubles as it is read.
+
+    An LVIS train file holds about 127 million coordinates: as Python floats in lists
+    they take 32 bytes each, as `array('d')` 8. pycocotools reads either. A polygon
+    holding anything else (a bool, a string, a huge integer) stays a list, for the
+    checks to name.
+    """
+    segm = obj.get("segmentation")
+    if type(segm) is list:
+        for i, poly in enumerate(segm):
+            if type(poly) is list and set(map(type, poly)) <= NUMBER_TYPES:
+                try:
+                    segm[i] = array("d", poly)
+                except OverflowError:
+                    pass
+    return obj
+
+
 def read_annotation_file(path: str | Path, digests: dict | None = None) -> dict:
     """Load a COCO-format annotation file and check its top-level structure (`digests`: see `read_json`)."""
-    data = read_json(path, digests)
+    data = read_json(path, digests, object_hook=_compact_polygons)
     if not isinstance(data, dict):
         raise InputError(path, "expected a JSON object with `images`, `annotations` and `categories`")
     for key in ("images", "annotations", "categories"):
@@ -119,7 +140,7 @@ class _Checker:
         h, w = img["height"], img["width"]
         if isinstance(segm, list):
             for poly in segm:
-                if type(poly) is not list or len(poly) % 2:
+                if type(poly) not in POLYGON_TYPES or len(poly) % 2:
                     self.fail(name, "a polygon must be a flat list of x, y pairs")
                 self.polygons.append(poly)
                 self.polygon_sizes.append((h, w))

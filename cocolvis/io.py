@@ -82,17 +82,20 @@ def write_text(path: str | os.PathLike, text: str) -> None:
         f.write(text)
 
 
-def read_json(path: str | os.PathLike, digests: dict | None = None) -> Any:
-    """Load a JSON file, turning a missing, unreadable or malformed file into an InputError.
+def read_json(path: str | os.PathLike, digests: dict | None = None, object_hook=None) -> Any:
+    """Load a UTF-8 JSON file, turning a missing, unreadable or malformed file into an InputError.
 
-    With `digests`, the SHA-256 of the file's bytes is stored in it under `path`.
+    With `digests`, the SHA-256 of the file's bytes is stored in it under `path`;
+    `object_hook` is json's (it may make each object smaller as it is read).
     """
     try:
         with open(path, "rb") as f:
             data = f.read()
         if digests is not None:
             digests[path] = hashlib.sha256(data).hexdigest()
-        return json.loads(data)
+        text = data.decode("utf-8")
+        del data  # the bytes and their text need not both stay for the parse
+        return json.loads(text, object_hook=object_hook)
     except FileNotFoundError:
         raise InputError(path, "no such file") from None
     except IsADirectoryError:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from array import array
 
 import numpy as np
 
@@ -38,6 +39,8 @@ MAX_OUTLINE = 1 << 22
 """Largest sum over a polygon's edges of max(|dx|, |dy|), in pixels."""
 
 NUMBER = (int, float)
+POLYGON_TYPES = (list, array)
+"""A polygon as read from JSON, or compacted to doubles as it was read (`cocolvis.inputs`)."""
 MAX_RLE_CHARS = 6
 """Characters per compressed count: enough for any count of an image within MAX_PIXELS, and few
 enough that no shift in pycocotools' decoder overflows."""
@@ -59,7 +62,7 @@ def check_image_size(height, width) -> str | None:
 
 def check_polygon(poly, height: int, width: int) -> str | None:
     """One polygon: a flat list of finite x, y numbers near the image, with a bounded outline."""
-    if type(poly) is not list or len(poly) % 2:
+    if type(poly) not in POLYGON_TYPES or len(poly) % 2:
         return "a polygon must be a flat list of x, y pairs"
     if not set(map(type, poly)) <= {int, float}:
         return "polygon coordinates must be numbers"
@@ -97,11 +100,12 @@ def check_polygons(polygons: list, heights: list, widths: list) -> list[tuple[in
 
 
 def _check_polygon_batch(polygons: list, heights: list, widths: list) -> list[tuple[int, str]]:
-    flat = list(itertools.chain.from_iterable(polygons))
+    lists = [p for p in polygons if type(p) is list]  # arrays of doubles hold only numbers
     try:
-        if not set(map(type, flat)) <= {int, float}:
+        if not set(map(type, itertools.chain.from_iterable(lists))) <= {int, float}:
             raise TypeError
-        xy = np.array(flat, np.float64).reshape(-1, 2)
+        xy = np.concatenate([np.frombuffer(p, np.float64) if type(p) is array else np.array(p, np.float64)
+                             for p in polygons] or [np.zeros(0)]).reshape(-1, 2)
     except (TypeError, OverflowError):  # find the culprit, polygon by polygon
         return [(i, p) for i, p in ((i, check_polygon(poly, h, w))
                                     for i, (poly, h, w) in enumerate(zip(polygons, heights, widths))) if p][:1]
