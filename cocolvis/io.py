@@ -57,7 +57,9 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
         os.chmod(tmp, _FILE_MODE)
         yield tmp
         os.replace(tmp, path)
-    except OSError as e:  # an output path under a file, in /proc, on a full disk, a directory...
+    except (FileExistsError, NotADirectoryError):  # mkdir met a file on the way
+        raise InputError(path, "cannot write: a part of the path is a file, not a directory") from None
+    except OSError as e:  # an output path in /proc, on a full disk, a directory...
         raise InputError(path, f"cannot write: {e.strerror or e}") from None
     finally:
         if tmp is not None and tmp.exists():
