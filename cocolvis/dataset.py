@@ -125,23 +125,22 @@ def write_build(out: Path, classes: list, records: list, results: Iterable, repo
 
 # ----------------------------------------------------------------------------- reader
 
-def _read_png(path: Path, flags: int, what: str) -> np.ndarray:
-    """An image file decoded by OpenCV from bytes read here, so a missing file is our error, not OpenCV's warning."""
+def _read_png(path: Path, flags: int, problem: str) -> np.ndarray:
+    """An image file decoded by OpenCV from bytes read here, so a missing file is our one-line
+    error (`problem`), not OpenCV's warning first."""
     try:
         data = np.fromfile(path, np.uint8)
-    except FileNotFoundError:
-        raise InputError(path, f"{what} missing") from None
-    except OSError as e:
-        raise InputError(path, f"{what} unreadable: {e.strerror or e}") from None
+    except OSError:
+        raise InputError(path, problem) from None
     image = cv2.imdecode(data, flags) if data.size else None
     if image is None:
-        raise InputError(path, f"{what} is not a readable image")
+        raise InputError(path, problem)
     return image
 
 
 def read_label_png(path: str | Path) -> np.ndarray:
     """Read a single-channel uint16 label map; a missing or unreadable file is an InputError."""
-    mask = _read_png(Path(path), cv2.IMREAD_UNCHANGED, "mask")
+    mask = _read_png(Path(path), cv2.IMREAD_UNCHANGED, "missing or unreadable mask")
     if mask.ndim != 2 or mask.dtype != np.uint16:
         raise InputError(path, f"expected a single-channel uint16 PNG, got {mask.dtype} of shape {mask.shape}")
     return mask
@@ -244,7 +243,7 @@ class BuiltDataset:
     def read_image(self, record: dict) -> np.ndarray:
         """The image as RGB uint8 (H, W, 3)."""
         path = self.image_path(record)
-        image = _read_png(path, cv2.IMREAD_COLOR, f"image {record['id']} under the images root")
+        image = _read_png(path, cv2.IMREAD_COLOR, f"image {record['id']} missing or unreadable under the images root")
         return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
     def stats(self):

@@ -56,12 +56,12 @@ def test_missing_and_corrupt_masks_and_images(built_train, tmp_path):
     ds = BuiltDataset(data)
     first, second = ds.images[0], ds.images[1]
     ds.mask_path(first["id"]).unlink()
-    with pytest.raises(InputError, match="mask missing"):
+    with pytest.raises(InputError, match="missing or unreadable mask"):
         ds.read_mask(first["id"])
     ds.mask_path(second["id"]).write_bytes(b"\x89PNG\r\n\x1a\n truncated")
-    with pytest.raises(InputError, match="not a readable image"):
+    with pytest.raises(InputError, match="missing or unreadable mask"):
         ds.read_mask(second["id"])
-    with pytest.raises(InputError, match="missing"):
+    with pytest.raises(InputError, match="missing or unreadable under the images root"):
         BuiltDataset(data, images_root=tmp_path).read_image(first)
 
 
