@@ -29,7 +29,7 @@ def vocab(lvis, coco, out):
     LVIS categories keep their ids, a stuff category named like an LVIS one merges into
     it, the other stuff categories are appended in COCO id order.
     """
-    from cocolvis.build import write_classes
+    from cocolvis.dataset import write_classes
     from cocolvis.vocab import build_vocabulary, describe
 
     classes = build_vocabulary(lvis, coco)
@@ -70,7 +70,7 @@ def synth(out, train, val, size, seed):
               help="COCO-Stuff stuff annotation file; repeat for several (LVIS v1 val needs train2017 and val2017).")
 @click.option("--lvis", required=True, type=click.Path(path_type=Path),
               help="LVIS annotation file of the split to build.")
-@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
+@click.option("--out", required=True, type=click.Path(path_type=Path),
               help="Output directory; a re-run into it resumes, skipping masks already written.")
 @click.option("--images-root", type=click.Path(file_okay=False, path_type=Path),
               help="Directory holding train2017/ and val2017/; recorded in dataset.json for the trainer.")
@@ -81,17 +81,25 @@ def synth(out, train, val, size, seed):
 @click.option("--limit", type=click.IntRange(min=0), help="Only the first N images of the LVIS file.")
 @click.option("--top", default=10, show_default=True, type=click.IntRange(min=0),
               help="Most and least frequent classes to list in the summary.")
-def build(coco, lvis, out, images_root, workers, order, limit, top):
+@click.option("--overwrite", is_flag=True,
+              help="Replace the build --out holds instead of resuming it (needed when it was built from other "
+                   "inputs or options).")
+def build(coco, lvis, out, images_root, workers, order, limit, top, overwrite):
     """Build one split from an LVIS file and COCO-Stuff files.
 
     Writes masks/, images.jsonl, classes.json, stats.csv, report.json and dataset.json
-    into --out, then prints a summary.
+    into --out, then prints a summary. One build at a time may write into --out; a
+    re-run of the same command resumes; Ctrl-C stops with exit status 130.
     """
     from cocolvis.build import build_split
     from cocolvis.summary import summary_text
 
-    result = build_split(coco=list(coco), lvis=lvis, out=out, images_root=images_root, workers=workers,
-                         order=order, limit=limit)
+    try:
+        result = build_split(coco=list(coco), lvis=lvis, out=out, images_root=images_root, workers=workers,
+                             order=order, limit=limit, overwrite=overwrite)
+    except KeyboardInterrupt:
+        click.echo(f"\nInterrupted: re-run the same command to resume {out}", err=True)
+        raise click.exceptions.Exit(130) from None
     click.echo(summary_text(out, top=top))
     click.echo(f"{result['images_painted']} masks painted in {result['seconds']:.1f} s with {result['workers']} "
                f"worker(s)")

@@ -11,7 +11,6 @@ counts of both sources.
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 from typing import NamedTuple
 
@@ -19,12 +18,29 @@ import cv2
 import numpy as np
 import pycocotools.mask as mask_utils
 
-from cocolvis.dataset import mask_name
+from cocolvis.dataset import mask_name, write_png
 from cocolvis.io import InputError
 
 ORDERS = ("area", "file")
 STUFF_FLAG = 0x8000
 """Set on stuff-painted pixels of the working map; class ids stay below it."""
+
+
+class Stuff(NamedTuple):
+    """A COCO-Stuff stuff region, its category mapped to the merged class id."""
+
+    class_id: int
+    segmentation: list | dict  # polygons or an RLE, checked by cocolvis.validate
+    ann_id: int
+
+
+class Thing(NamedTuple):
+    """An LVIS instance (its LVIS category id is its merged class id)."""
+
+    class_id: int
+    segmentation: list | dict
+    area: float | None  # the file's `area`, which orders the painting; None: the decoded area
+    ann_id: int
 
 
 class MaskTask(NamedTuple):
@@ -34,8 +50,8 @@ class MaskTask(NamedTuple):
     image_id: int
     height: int
     width: int
-    stuff: list  # [(class id, segmentation, annotation id)], file order
-    things: list  # [(class id, segmentation, area or None, annotation id)], file order
+    stuff: list  # [Stuff], file order
+    things: list  # [Thing], file order
     order: str
     lvis_file: str = ""  # where the annotations come from, to name them in an error
     coco_file: str = ""
@@ -129,13 +145,13 @@ def paint_stuff(height: int, width: int, stuff: list) -> np.ndarray:
     so K regions cost ceil(log2(K + 1)) full-frame decodes instead of K. Overlapping
     regions are painted one by one, last to first.
     """
-    rles = [to_rle(s[1], height, width) for s in stuff]
+    rles = [to_rle(s.segmentation, height, width) for s in stuff]
     if len(rles) < 4 or len(rles) > 255 or \
             int(mask_utils.area(mask_utils.merge(rles))) != sum(int(mask_utils.area(r)) for r in rles):
         work = np.zeros((height, width), np.uint16)
         for s, rle in zip(reversed(stuff), reversed(rles)):
             _paint(work, Decoded(mask_utils.decode(rle), tuple(int(v) for v in mask_utils.toBbox(rle)), 0),
-                   s[0] | STUFF_FLAG)
+                   s.class_id | STUFF_FLAG)
         return work
     index = None
     for bit in range(len(rles).bit_length()):
@@ -146,7 +162,7 @@ def paint_stuff(height: int, width: int, stuff: list) -> np.ndarray:
         else:
             index |= plane << bit
     table = np.zeros(256, np.uint16)
-    table[1:len(stuff) + 1] = [s[0] | STUFF_FLAG for s in stuff]
+    table[1:len(stuff) + 1] = [s.class_id | STUFF_FLAG for s in stuff]
     # The index is column-major, as pycocotools decodes; cv2.transpose of its transpose is
     # the fast way to a row-major copy.
     return cv2.LUT(cv2.transpose(index.T), table)
@@ -155,44 +171,31 @@ def paint_stuff(height: int, width: int, stuff: list) -> np.ndarray:
 def paint_label_map(height: int, width: int, stuff: list, things: list, order: str = "area"):
     """Paint one label map. Returns (uint16 label map, lvis pixel counts, stuff pixel counts).
 
-    `stuff` is [(class id, segmentation, ...)], the first annotation winning where two
-    overlap; `things` is [(class id, segmentation, area or None, ...)], always painted over
-    stuff. The counts are arrays indexed by class id.
+    `stuff` is [Stuff], the first annotation winning where two overlap; `things` is
+    [Thing], always painted over stuff. The counts are arrays indexed by class id.
     """
     work = paint_stuff(height, width, stuff)
-    masks = [decode_framed(t[1], height, width) for t in things]
-    areas = [float(d.area) if t[2] is None else float(t[2]) for t, d in zip(things, masks)]
+    masks = [decode_framed(t.segmentation, height, width) for t in things]
+    areas = [float(d.area) if t.area is None else float(t.area) for t, d in zip(things, masks)]
     for i in painting_sequence(areas, order):
-        _paint(work, masks[i], things[i][0])
+        _paint(work, masks[i], things[i].class_id)
     counts = np.bincount(work.ravel(), minlength=2 * STUFF_FLAG)
     np.bitwise_and(work, STUFF_FLAG - 1, out=work)
     return work, counts[:STUFF_FLAG], counts[STUFF_FLAG:2 * STUFF_FLAG]
 
 
-def write_png(path: Path, label: np.ndarray) -> None:
-    """Write a uint16 label map as PNG under a temporary name, renamed when complete.
-
-    The temporary name is the target's, hidden and tagged with the process id: names
-    come from image ids, so no other writer can hold it, and the encoder creates the
-    file itself (one file creation per mask, not two as with mkstemp).
-    """
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.png")
-    try:
-        if not cv2.imwrite(str(tmp), label):
-            raise OSError(f"{path}: could not write the mask")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _undecodable(task: MaskTask, error: Exception) -> InputError:
-    """The error naming the annotation that pycocotools cannot decode (found by decoding each again)."""
+    """The error naming the annotation that pycocotools cannot decode (found by decoding each again).
+
+    `cocolvis.validate` checks every segmentation before a task is made; this names what
+    it could still miss.
+    """
     for file, entries in ((task.coco_file, task.stuff), (task.lvis_file, task.things)):
         for entry in entries:
             try:
-                decode_framed(entry[1], task.height, task.width)
+                decode_framed(entry.segmentation, task.height, task.width)
             except (ValueError, TypeError, OverflowError) as e:
-                return InputError(file, f"annotation {entry[-1]} (image {task.image_id}): "
+                return InputError(file, f"annotation {entry.ann_id} (image {task.image_id}): "
                                         f"cannot decode its segmentation: {e}")
     return InputError(task.lvis_file, f"image {task.image_id}: cannot paint its mask: {error}")
 

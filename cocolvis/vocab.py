@@ -37,7 +37,7 @@ def check_categories(categories, path, what: str) -> list[dict]:
         raise InputError(path, f"`categories` must be a list of {what} categories")
     seen_ids, seen_names = set(), set()
     for i, cat in enumerate(categories):
-        if not isinstance(cat, dict) or not isinstance(cat.get("id"), int) or not isinstance(cat.get("name"), str):
+        if not isinstance(cat, dict) or type(cat.get("id")) is not int or not isinstance(cat.get("name"), str):
             raise InputError(path, f"category #{i}: needs an integer `id` and a string `name`")
         if cat["id"] in seen_ids:
             raise InputError(path, f"category {cat['id']} ({cat['name']!r}): duplicate category id")
@@ -60,6 +60,9 @@ def categories_of(data, path) -> list[dict]:
 def check_lvis_categories(categories, path) -> list[dict]:
     """LVIS categories checked (ids exactly 1..N, so merged ids can keep them), sorted by id."""
     cats = check_categories(categories, path, "LVIS")
+    if len(cats) > MAX_CLASSES - len(STUFF_IDS):
+        raise InputError(path, f"{len(cats)} LVIS categories: with the {len(STUFF_IDS)} COCO-Stuff stuff classes "
+                               f"they would exceed the {MAX_CLASSES} classes a 16-bit label map holds")
     ids = sorted(c["id"] for c in cats)
     if ids != list(range(1, len(ids) + 1)):
         raise InputError(path, "LVIS category ids must be exactly 1..N")
@@ -91,7 +94,17 @@ def read_stuff_categories(path: str | Path = DEFAULT_STUFF) -> list[dict]:
             cats.append({"id": int(m[1]), "name": m[2]})
     else:
         cats = categories_of(read_json(path), path)
-    return check_categories(cats, path, "COCO-Stuff")
+    check_stuff_kind(check_categories(cats, path, "COCO-Stuff"), path)
+    return cats
+
+
+def check_stuff_kind(categories: list, path) -> None:
+    """Refuse a file that is not COCO-Stuff: its ids are 0-183 and include stuff ids 92-182."""
+    if any(k in c for c in categories for k in LVIS_FIELDS) or any(not 0 <= c["id"] <= 183 for c in categories):
+        raise InputError(path, "looks like an LVIS file (category ids past 183 or LVIS fields), not COCO-Stuff: "
+                               "give it with --lvis")
+    if not any(c["id"] in STUFF_IDS for c in categories):
+        raise InputError(path, "no COCO-Stuff stuff category (ids 92-182): is this a COCO-Stuff stuff file?")
 
 
 def merge_vocabularies(lvis_categories: list[dict], stuff_categories: list[dict]) -> list[dict]:

@@ -10,9 +10,10 @@ from cocolvis import benchmark
 
 
 def test_naive_algorithm_paints_what_file_order_paints(tmp_path):
-    from cocolvis.build import mask_tasks, plan_build, read_inputs
     from cocolvis.dataset import mask_name, read_label_png
+    from cocolvis.inputs import read_inputs
     from cocolvis.paint import write_mask
+    from cocolvis.plan import mask_tasks, plan_build
     from cocolvis.synth import write_synthetic
 
     info = write_synthetic(tmp_path / "s", train=5, val=0, size=(60, 80), seed=4, n_things=12, n_stuff=8,
@@ -35,8 +36,12 @@ def test_naive_algorithm_paints_what_file_order_paints(tmp_path):
 def test_report_states_every_target():
     fig = {"images": 10, "wall": {"naive/1": 1.0, "naive/2": 0.5, "ours/1": 0.1, "ours/2": 0.05, "floor/1": 0.08},
            "cpu": {"naive/1": 1.0, "naive/2": 1.0, "ours/1": 0.1, "ours/2": 0.1, "floor/1": 0.08},
-           "end_to_end": {1: 90.0, 2: 170.0}}
+           "end_to_end": {1: 0.25, 2: 0.15}, "process_cpu": {1: 0.24, 2: 0.26}, "cpu_loop": 1.6,
+           "phases": {"start-up": 0.05, "paint": 0.15}}
     text = benchmark.report(fig, 2)
+    assert "whole process vs naive, 1 core:  4.00x the throughput (4.17x by CPU time); target >= 4x: met" in text
+    assert "a CPU loop, 2 processes vs 1:  1.60x" in text and "ours reaches 125% of it" in text
+    assert "paint" in text and "75.0%" in text
     assert "10.00x the throughput" in text and "target >= 5x: met" in text
     assert "1.25x the floor's time" in text and "target <= 1.5x: met" in text
     assert "2.00x the throughput; target >= 1.8x: met" in text

@@ -6,7 +6,7 @@ import pycocotools.mask as mask_utils
 import pytest
 from pycocotools.coco import COCO
 
-from cocolvis.paint import paint_label_map, painting_sequence
+from cocolvis.paint import Stuff, Thing, paint_label_map, painting_sequence
 
 
 
@@ -16,7 +16,7 @@ def square(x0, y0, x1, y1):
 
 def test_area_order_keeps_the_small_object_and_file_order_keeps_the_first():
     big, small = square(0, 0, 40, 40), square(10, 10, 20, 20)
-    things = [(7, big, 1600.0), (9, small, 100.0)]
+    things = [Thing(7, big, 1600.0, 1), Thing(9, small, 100.0, 2)]
     for seq in (things, things[::-1]):
         label, _, _ = paint_label_map(50, 60, [], seq, "area")
         assert label[15, 15] == 9 and label[30, 30] == 7
@@ -41,9 +41,10 @@ def test_lvis_over_stuff_and_counts_by_source():
     ground = 1 - sky
     wall = np.zeros((h, w), np.uint8)
     wall[10:20] = 1  # overlaps both: the first stuff annotation wins
-    stuff = [(1250, mask_utils.encode(np.asfortranarray(sky))), (1260, mask_utils.encode(np.asfortranarray(ground))),
-             (1270, mask_utils.encode(np.asfortranarray(wall)))]
-    things = [(5, square(0, 0, 10, 10), None)]  # no area field: computed from the mask
+    stuff = [Stuff(1250, mask_utils.encode(np.asfortranarray(sky)), 1),
+             Stuff(1260, mask_utils.encode(np.asfortranarray(ground)), 2),
+             Stuff(1270, mask_utils.encode(np.asfortranarray(wall)), 4)]
+    things = [Thing(5, square(0, 0, 10, 10), None, 3)]  # no area field: computed from the mask
     label, lvis, coco = paint_label_map(h, w, stuff, things, "area")
     assert label.dtype == np.uint16 and label.shape == (h, w)
     assert (label[:10, :10] == 5).all()
@@ -63,7 +64,7 @@ def test_random_scenes_equal_brute_force_reference():
             m[y:y + int(rng.integers(1, h)), x:x + int(rng.integers(1, w))] = 1
             rle = mask_utils.encode(np.asfortranarray(m))
             rle["counts"] = rle["counts"].decode()
-            stuff.append((1200 + k, rle))
+            stuff.append(Stuff(1200 + k, rle, k))
             anns.append({"id": len(anns) + 1, "image_id": 1, "category_id": 1200 + k, "segmentation": rle, "stuff": 1})
         for k in range(int(rng.integers(0, 7))):  # LVIS: polygons reaching past the borders, several parts
             polys = []
@@ -73,7 +74,7 @@ def test_random_scenes_equal_brute_force_reference():
                 a = np.sort(rng.uniform(0, 2 * np.pi, n))
                 polys.append(np.round(np.stack([cx + r * np.cos(a), cy + r * np.sin(a)], 1).ravel(), 2).tolist())
             area = float(rng.choice([100.0, 200.0, rng.uniform(1, 900)]))  # repeated areas test ties
-            things.append((k + 1, polys, area))
+            things.append(Thing(k + 1, polys, area, k))
             anns.append({"id": len(anns) + 1, "image_id": 1, "category_id": k + 1, "segmentation": polys,
                          "area": area, "stuff": 0})
         coco = COCO()
@@ -156,7 +157,7 @@ def test_stuff_through_one_table_equals_painting_region_by_region(overlap):
             m[10:40, 20:60] = 1  # overlaps its neighbours: the first annotation must win
         rle = mask_utils.encode(np.asfortranarray(m))
         rle["counts"] = rle["counts"].decode()
-        stuff.append((1210 + 7 * k, rle, k))
+        stuff.append(Stuff(1210 + 7 * k, rle, k))
         masks.append(m.astype(bool))
     expected = np.zeros((h, w), np.int64)
     for (cls, _, _), m in zip(stuff, masks):

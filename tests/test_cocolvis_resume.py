@@ -8,8 +8,10 @@ import numpy as np
 import pytest
 
 from cocolvis import paint
-from cocolvis.build import JOURNAL, build_split
+from cocolvis.build import build_split
+from cocolvis.journal import JOURNAL
 from cocolvis.dataset import BuiltDataset, read_label_png
+from cocolvis.io import InputError
 
 
 
@@ -95,12 +97,16 @@ def test_lost_masks_cut_journal_and_stale_temporaries_are_repaired(synth_root, t
     assert outputs(out) == fresh
 
 
-def test_other_options_repaint_everything(synth_root, tmp_path):
+def test_other_options_are_refused_unless_overwrite(synth_root, tmp_path):
     out = tmp_path / "train"
     build_split(out=out, workers=1, **inputs(synth_root))
-    summary = build_split(out=out, workers=1, order="file", **inputs(synth_root))
+    with pytest.raises(InputError, match="pass --overwrite"):
+        build_split(out=out, workers=1, order="file", **inputs(synth_root))
+    (out / "masks" / "000999999999.png").write_bytes(b"a stale mask of another split")
+    summary = build_split(out=out, workers=1, order="file", overwrite=True, **inputs(synth_root))
     assert summary["images_resumed"] == 0 and summary["images_painted"] == 24
     assert json.loads((out / "dataset.json").read_text())["options"]["order"] == "file"
+    assert len(list((out / "masks").iterdir())) == 24  # the stale mask is gone
 
 
 def test_limit_then_the_rest(synth_root, tmp_path, fresh):
@@ -135,3 +141,66 @@ def test_masks_match_the_synthetic_label_maps(built_train, synth_root):
         clean = appearance.render(mask, np.random.default_rng(0), noise=0).astype(np.float32)
         assert np.abs(image - clean).mean() < 10, rec["id"]
         assert (mask > 0).all()  # synthetic stuff covers every pixel no instance covers
+
+
+_SCRIPT = """
+import os, signal, sys, time
+from cocolvis import pool
+from cocolvis.cli import main
+real = pool.write_mask
+def patched(task):
+    if {die!r} and task.image_id == {die!r}:
+        os.kill(os.getpid(), signal.SIGKILL)
+    time.sleep({sleep})
+    return real(task)
+pool.write_mask = patched
+main()
+"""
+
+
+def _build_process(synth_root, out, die=None, sleep=0.0):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    ann = synth_root / "annotations"
+    args = ["build", "--lvis", str(ann / "lvis_v1_train.json"), "--coco", str(ann / "stuff_train2017.json"),
+            "--out", str(out), "--workers", "2"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    return subprocess.Popen([sys.executable, "-c", _SCRIPT.format(die=die, sleep=sleep), *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def test_a_dead_worker_stops_the_build_with_one_line(synth_root, tmp_path):
+    from cocolvis.dataset import BuiltDataset as _  # noqa: F401  (the module imports cleanly)
+
+    ann = json.loads((synth_root / "annotations" / "lvis_v1_train.json").read_text())
+    proc = _build_process(synth_root, tmp_path / "out", die=ann["images"][5]["id"])
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1, err
+    assert "Traceback" not in err
+    errors = [line for line in err.splitlines() if line.startswith("Error")]
+    assert errors == ["Error: a worker process died (killed, or out of memory?); the build stopped"]
+    assert not (tmp_path / "out").exists()  # a fresh --out is removed
+
+
+def test_ctrl_c_exits_130_without_worker_tracebacks_and_resumes(synth_root, tmp_path, fresh):
+    import os
+    import signal
+    import time
+
+    out = tmp_path / "out"
+    proc = _build_process(synth_root, out, sleep=0.3)
+    deadline = time.monotonic() + 60
+    while not (out / JOURNAL).exists() or len((out / JOURNAL).read_text().splitlines()) < 4:  # 3 masks done
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)  # as a terminal does: to the parent and its workers
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
+    assert "re-run the same command to resume" in err
+    summary = build_split(out=out, workers=1, **inputs(synth_root))
+    assert summary["images_resumed"] >= 3
+    assert outputs(out) == fresh
