@@ -3,15 +3,22 @@
 ESS (embedding-based scalable segmentation) never forms a pixels x C or C x C matrix:
 for each labelled pixel it gathers the target class embedding and k negatives found
 by a chunked nearest-neighbour search, so its memory is flat in the number of classes.
+
+With a knn stride s > 1 the search runs once per block of s pixels (1x2, 2x2 or 2x4, rows x
+columns), for the block's mean embedding, and the block's pixels share its k+1 nearest
+classes; each pixel drops its own target from them (or the farthest when its target is not
+among them), so every pixel's loss stays a cross-entropy over its target and k other classes.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from ess.knn import DEFAULT_CHUNK, knn_excluding
+from ess.knn import DEFAULT_CHUNK, DEFAULT_KNN, IvfSearch, drop_excluded, knn, knn_excluding
 
 SAMPLINGS = ("nearest", "random")
+# knn stride -> block (rows, columns) of pixels that share one search
+STRIDE_BLOCKS = {1: (1, 1), 2: (1, 2), 4: (2, 2), 8: (2, 4)}
 
 
 def softmax_loss(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -30,12 +37,13 @@ def euclidean(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def sample_negatives(pixels: torch.Tensor, class_emb: torch.Tensor, target: torch.Tensor, k: int,
-                     sampling: str = "nearest", knn: str = "torch", chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
+                     sampling: str = "nearest", knn: str = DEFAULT_KNN, chunk: int = DEFAULT_CHUNK,
+                     ivf: IvfSearch | None = None) -> torch.Tensor:
     """(P, k) class indices != target: the k nearest to each pixel, or k drawn uniformly."""
     num_classes = class_emb.shape[0]
     k = min(k, num_classes - 1)
     if sampling == "nearest":
-        return knn_excluding(pixels, class_emb, target, k, knn, chunk)
+        return knn_excluding(pixels, class_emb, target, k, knn, chunk, ivf)
     if sampling == "random":
         # Uniform over the C-1 other classes: draw from 0..C-2 and step over the target.
         draw = torch.randint(0, max(num_classes - 1, 1), (pixels.shape[0], k), device=pixels.device)
@@ -43,20 +51,47 @@ def sample_negatives(pixels: torch.Tensor, class_emb: torch.Tensor, target: torc
     raise ValueError(f"unknown sampling {sampling!r}; expected one of {', '.join(SAMPLINGS)}")
 
 
+def block_negatives(embeddings: torch.Tensor, labelled: torch.Tensor, target: torch.Tensor, class_emb: torch.Tensor,
+                    k: int, stride: int, knn_backend: str = DEFAULT_KNN, chunk: int = DEFAULT_CHUNK,
+                    ivf: IvfSearch | None = None) -> torch.Tensor:
+    """(P, k) nearest negatives of the labelled pixels, one search per block of `stride` pixels.
+
+    embeddings (B, d, H, W); labelled (B, H, W) bool; target (P,) class indices of the labelled
+    pixels in row-major order. Each block's mean embedding is searched for its k+1 nearest
+    classes (only blocks holding a labelled pixel); each pixel keeps the k that are not its target.
+    """
+    bh, bw = STRIDE_BLOCKS[stride]
+    k = min(k, class_emb.shape[0] - 1)
+    if k <= 0:
+        return torch.empty(target.shape[0], 0, dtype=torch.int64, device=target.device)
+    # A partial block at the bottom or right edge averages the pixels it has.
+    means = F.avg_pool2d(embeddings.detach().float(), (bh, bw), ceil_mode=True)  # (B, d, H', W')
+    grid_h, grid_w = means.shape[-2:]
+    b, y, x = labelled.nonzero(as_tuple=True)
+    block = (b * grid_h + torch.div(y, bh, rounding_mode="floor")) * grid_w + torch.div(x, bw, rounding_mode="floor")
+    used, of_pixel = torch.unique(block, return_inverse=True)
+    queries = means.permute(0, 2, 3, 1).reshape(-1, means.shape[1]).index_select(0, used)
+    shared = knn(queries, class_emb, k + 1, knn_backend, chunk, ivf)  # (blocks, k+1)
+    return drop_excluded(shared.index_select(0, of_pixel), target)
+
+
 def ess_pixel_loss(pixels: torch.Tensor, target: torch.Tensor, class_emb: torch.Tensor, *, k: int = 7,
-                   tau: float = 20.0, sampling: str = "nearest", knn: str = "torch",
-                   chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
+                   tau: float = 20.0, sampling: str = "nearest", knn: str = DEFAULT_KNN,
+                   chunk: int = DEFAULT_CHUNK, ivf: IvfSearch | None = None,
+                   negatives: torch.Tensor | None = None) -> torch.Tensor:
     """Cross-entropy over [target, k negatives] with logits -tau * distance.
 
     pixels (P, d) embeddings of labelled pixels, target (P,) class indices 0..C-1,
-    class_emb (C, d). The search runs without gradient; the (k+1) distances per pixel
-    are recomputed with gradient, in float32, so both pixels and classes learn.
+    class_emb (C, d). The search runs without gradient (or `negatives` (P, k) are given,
+    e.g. by `block_negatives`); the (k+1) distances per pixel are recomputed with gradient,
+    in float32, so both pixels and classes learn.
     """
     if pixels.shape[0] == 0:
         return pixels.sum() * 0 + class_emb.sum() * 0
     pixels = pixels.float()
     class_emb = class_emb.float()
-    negatives = sample_negatives(pixels, class_emb, target, k, sampling, knn, chunk)
+    if negatives is None:
+        negatives = sample_negatives(pixels, class_emb, target, k, sampling, knn, chunk, ivf)
     candidates = torch.cat([target[:, None], negatives], dim=1)  # (P, k+1), target first
     # index_select, not class_emb[candidates]: its backward (index_add_) is deterministic on CPU,
     # which exact resuming relies on; advanced indexing's accumulating backward is not.
@@ -65,13 +100,105 @@ def ess_pixel_loss(pixels: torch.Tensor, target: torch.Tensor, class_emb: torch.
     return F.cross_entropy(logits, torch.zeros_like(target))
 
 
-def separation_loss(class_emb: torch.Tensor, margin: float = 0.2, knn: str = "torch",
-                    chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
+def separation_loss(class_emb: torch.Tensor, margin: float = 0.2, knn: str = DEFAULT_KNN,
+                    chunk: int = DEFAULT_CHUNK, ivf: IvfSearch | None = None) -> torch.Tensor:
     """Mean over classes of max(0, margin - distance to the nearest other class)."""
     num_classes = class_emb.shape[0]
     if num_classes < 2:
         return class_emb.sum() * 0
     class_emb = class_emb.float()
     own = torch.arange(num_classes, device=class_emb.device)
-    nearest = knn_excluding(class_emb, class_emb, own, 1, knn, chunk)[:, 0]
+    nearest = knn_excluding(class_emb, class_emb, own, 1, knn, chunk, ivf)[:, 0]
     return F.relu(margin - euclidean(class_emb, class_emb.index_select(0, nearest))).mean()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Softmax cross-entropy of bilinearly upsampled logits, without the full-resolution logits
+
+
+def bilinear_taps(in_size: int, out_size: int, device=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """F.interpolate's bilinear weights (align_corners=False) along one axis, for an output of `out_size`.
+
+    Output position i is l0[i] * input[i0[i]] + l1[i] * input[i1[i]]; computed in float32 as torch does.
+    """
+    scale = torch.tensor(in_size / out_size, dtype=torch.float32)
+    src = ((torch.arange(out_size, dtype=torch.float32) + 0.5) * scale - 0.5).clamp_min(0)
+    i0 = src.floor().long().clamp_max(in_size - 1)
+    i1 = (i0 + 1).clamp_max(in_size - 1)
+    l1 = src - i0.float()
+    return i0.to(device), i1.to(device), (1 - l1).to(device), l1.to(device)
+
+
+def upsample_rows(low: torch.Tensor, rows: slice, taps_h, taps_w, width: int) -> torch.Tensor:
+    """Rows `rows` (and the first `width` columns) of the bilinear upsampling of channels-last `low` (B, h, w, C)."""
+    i0, i1, l0, l1 = (t[rows] for t in taps_h)
+    top = low.index_select(1, i0) * l0[None, :, None, None] + low.index_select(1, i1) * l1[None, :, None, None]
+    j0, j1, m0, m1 = (t[:width] for t in taps_w)
+    return top.index_select(2, j0) * m0[None, None, :, None] + top.index_select(2, j1) * m1[None, None, :, None]
+
+
+def upsample_rows_backward(grad: torch.Tensor, rows: slice, taps_h, taps_w, out: torch.Tensor) -> None:
+    """Add to `out` (B, h, w, C) the gradient of `upsample_rows` for the upsampled rows' gradient `grad`."""
+    i0, i1, l0, l1 = (t[rows] for t in taps_h)
+    width = grad.shape[2]
+    j0, j1, m0, m1 = (t[:width] for t in taps_w)
+    top = torch.zeros(grad.shape[0], grad.shape[1], out.shape[2], grad.shape[3], dtype=grad.dtype, device=grad.device)
+    top.index_add_(2, j0, grad * m0[None, None, :, None]).index_add_(2, j1, grad * m1[None, None, :, None])
+    out.index_add_(1, i0, top * l0[None, :, None, None]).index_add_(1, i1, top * l1[None, :, None, None])
+
+
+class _UpsampledCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of upsampled logits, rows at a time; backward recomputes each block."""
+
+    @staticmethod
+    def forward(ctx, low, target, size, rows_per_block):
+        low_cl = low.float().permute(0, 2, 3, 1).contiguous()  # (B, h, w, C): one pixel's scores side by side
+        taps_h = bilinear_taps(low.shape[2], size[0], low.device)
+        taps_w = bilinear_taps(low.shape[3], size[1], low.device)
+        height, width = target.shape[1:]
+        total = low_cl.new_zeros(())
+        for r in range(0, height, rows_per_block):
+            rows = slice(r, min(r + rows_per_block, height))
+            logits = upsample_rows(low_cl, rows, taps_h, taps_w, width)
+            t = target[:, rows]
+            valid = t >= 0
+            picked = logits.gather(3, t.clamp_min(0)[..., None])[..., 0]
+            total += ((torch.logsumexp(logits, dim=3) - picked) * valid).sum()
+        ctx.save_for_backward(low_cl, target)
+        ctx.size, ctx.rows_per_block, ctx.dtype = size, rows_per_block, low.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        low_cl, target = ctx.saved_tensors
+        taps_h = bilinear_taps(low_cl.shape[1], ctx.size[0], low_cl.device)
+        taps_w = bilinear_taps(low_cl.shape[2], ctx.size[1], low_cl.device)
+        height, width = target.shape[1:]
+        grad_low = torch.zeros_like(low_cl)
+        for r in range(0, height, ctx.rows_per_block):
+            rows = slice(r, min(r + ctx.rows_per_block, height))
+            logits = upsample_rows(low_cl, rows, taps_h, taps_w, width)
+            t = target[:, rows]
+            g = torch.softmax(logits, dim=3)  # d CE / d logits = softmax - one-hot, on labelled pixels
+            g.scatter_add_(3, t.clamp_min(0)[..., None], torch.full_like(g[..., :1], -1.0))
+            g *= (t >= 0)[..., None] * grad_total
+            upsample_rows_backward(g, rows, taps_h, taps_w, grad_low)
+        return grad_low.permute(0, 3, 1, 2).to(ctx.dtype), None, None, None
+
+
+def upsampled_softmax_loss(low_logits: torch.Tensor, mask: torch.Tensor, size: tuple[int, int],
+                           chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
+    """`softmax_loss` of F.interpolate(low_logits, size, bilinear)[..., :H, :W] for a (B, H, W) mask, exactly,
+    without forming the full-resolution logits.
+
+    Bilinear upsampling commutes with the 1x1 classifier, so the head's low-resolution logits
+    (B, C, h, w) are upsampled a block of rows at a time (`chunk` elements at most), the
+    cross-entropy summed, and the block recomputed in backward: memory O(B C h w + chunk).
+    """
+    height, width = mask.shape[1:]
+    if height > size[0] or width > size[1]:
+        raise ValueError(f"mask {height}x{width} is larger than the upsampled size {size[0]}x{size[1]}")
+    target = mask.long() - 1  # class id c -> channel c-1; unlabeled -> -1
+    rows = max(1, chunk // max(1, low_logits.shape[0] * width * low_logits.shape[1]))
+    total = _UpsampledCrossEntropy.apply(low_logits, target, tuple(size), rows)
+    return total / (target >= 0).sum().clamp_min(1)

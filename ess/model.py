@@ -12,7 +12,9 @@ from ess.heads import HEADS, EssHead, SoftmaxHead
 
 ENCODERS = ("resnet18", "resnet50", "resnet101", "mobilenet_v2")
 NORMS = ("bn", "gn")
-ESS_OPTIONS = ("k", "tau", "margin", "knn", "sampling", "reg", "chunk")
+ESS_OPTIONS = ("k", "tau", "margin", "knn", "sampling", "reg", "chunk", "knn_stride", "nlist", "nprobe",
+               "ivf_rebuild_every")
+SOFTMAX_OPTIONS = ("softmax_impl",)
 
 
 class Segmenter(nn.Module):
@@ -73,8 +75,8 @@ def build_model(head: str, num_classes: int, *, encoder: str = "resnet50", embed
                 **head_options) -> Segmenter:
     """A DeepLabV3+ Segmenter with the `softmax` or `ess` head.
 
-    `head_options` are the ESS loss settings (k, tau, margin, knn, sampling, reg, chunk);
-    the softmax head has none and ignores them.
+    `head_options` are the ESS loss settings (ESS_OPTIONS) and the softmax head's `softmax_impl`;
+    each head ignores the other's.
     """
     import segmentation_models_pytorch as smp
 
@@ -84,7 +86,7 @@ def build_model(head: str, num_classes: int, *, encoder: str = "resnet50", embed
         raise ValueError(f"unknown encoder {encoder!r}; expected one of {', '.join(ENCODERS)}")
     if norm not in NORMS:
         raise ValueError(f"unknown norm {norm!r}; expected one of {', '.join(NORMS)}")
-    unknown = set(head_options) - set(ESS_OPTIONS)
+    unknown = set(head_options) - set(ESS_OPTIONS) - set(SOFTMAX_OPTIONS)
     if unknown:
         raise TypeError(f"unknown head options: {', '.join(sorted(unknown))}")
     try:
@@ -104,7 +106,8 @@ def build_model(head: str, num_classes: int, *, encoder: str = "resnet50", embed
         batchnorm_to_groupnorm(net.decoder)
     channels = net.segmentation_head[0].in_channels
     if head == "softmax":
-        head_module = SoftmaxHead(channels, num_classes)
+        head_module = SoftmaxHead(channels, num_classes, impl=head_options.get("softmax_impl", "dense"))
     else:
-        head_module = EssHead(channels, num_classes, embed_dim=embed_dim, normalize=normalize, **head_options)
+        ess_options = {k: v for k, v in head_options.items() if k in ESS_OPTIONS}
+        head_module = EssHead(channels, num_classes, embed_dim=embed_dim, normalize=normalize, **ess_options)
     return Segmenter(net.encoder, net.decoder, head_module, output_stride)
