@@ -20,6 +20,15 @@ from ess.losses import (SAMPLINGS, STRIDE_BLOCKS, bilinear_taps, block_negatives
 
 HEADS = ("softmax", "ess")
 SOFTMAX_IMPLS = ("dense", "chunked")
+# Named set-ups the benchmarks compare: the head and its options (as build_model takes them).
+VARIANTS = {
+    "softmax": ("softmax", {}),
+    "softmax-chunked": ("softmax", {"softmax_impl": "chunked"}),
+    "ess": ("ess", {}),
+    "ess-stride4": ("ess", {"knn_stride": 4}),
+    "ess-ivf": ("ess", {"knn": "ivf"}),
+    "ess-stride4-ivf": ("ess", {"knn_stride": 4, "knn": "ivf"}),
+}
 
 
 def _check(ok: bool, message: str) -> None:
@@ -93,12 +102,11 @@ class SoftmaxHead(nn.Module):
         low = output.low.float().permute(0, 2, 3, 1).contiguous()
         (b, c, _, _), (height, width) = output.low.shape, output.crop
         taps_h = bilinear_taps(low.shape[1], output.size[0], low.device)
-        taps_w = bilinear_taps(low.shape[2], output.size[1], low.device)
         rows = max(1, self.chunk // max(1, b * width * c))
         pred = torch.empty(b, height, width, dtype=torch.int64, device=low.device)
         for r in range(0, height, rows):
             block = slice(r, min(r + rows, height))
-            pred[:, block] = upsample_rows(low, block, taps_h, taps_w, width).argmax(3)
+            pred[:, block] = upsample_rows(low, block, taps_h, output.size, width).argmax(3)
         return pred + 1
 
 
@@ -189,3 +197,14 @@ def nearest_class_channels_first(emb: torch.Tensor, classes: torch.Tensor, chunk
         scores = torch.baddbmm(neg_sq, weight, flat[:, :, start:start + step], alpha=2.0)  # (B, C, n)
         out[:, start:start + step] = scores.argmax(1)
     return out.view(b, h, w)
+
+
+def build_head(variant: str, in_channels: int, num_classes: int, **options) -> nn.Module:
+    """The head of a named variant (VARIANTS); `options` (e.g. embed_dim, k, knn) add to or override its own."""
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown head variant {variant!r}; expected one of {', '.join(VARIANTS)}")
+    head, own = VARIANTS[variant]
+    options = {**options, **own}
+    if head == "softmax":
+        return SoftmaxHead(in_channels, num_classes, impl=options.get("softmax_impl", "dense"))
+    return EssHead(in_channels, num_classes, **options)

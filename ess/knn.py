@@ -33,7 +33,7 @@ DEFAULT_CHUNK = 1 << 22
 
 
 @functools.lru_cache(maxsize=None)
-def _faiss_module():
+def faiss_module():
     try:
         import faiss
     except ImportError:
@@ -42,11 +42,11 @@ def _faiss_module():
 
 
 def faiss_available() -> bool:
-    return _faiss_module() is not None
+    return faiss_module() is not None
 
 
 def _require_faiss():
-    faiss = _faiss_module()
+    faiss = faiss_module()
     if faiss is None:
         raise ValueError("kNN backend 'faiss' needs the faiss package: pip install -e '.[cpu]' (or '.[gpu]' "
                          "for faiss-gpu), or use knn='torch' / 'auto'")
@@ -55,7 +55,7 @@ def _require_faiss():
 
 def faiss_uses_gpu(device: torch.device) -> bool:
     """True when faiss-gpu is installed, sees a GPU, and the data lives on CUDA."""
-    faiss = _faiss_module()
+    faiss = faiss_module()
     return (faiss is not None and device.type == "cuda" and hasattr(faiss, "StandardGpuResources")
             and faiss.get_num_gpus() > 0)
 
@@ -96,7 +96,7 @@ def knn_torch(queries: torch.Tensor, base: torch.Tensor, k: int, chunk: int = DE
 
 @functools.lru_cache(maxsize=None)
 def _faiss_gpu_resources(device: int):
-    return _faiss_module().StandardGpuResources()
+    return faiss_module().StandardGpuResources()
 
 
 def _gpu_device(device: torch.device) -> int:

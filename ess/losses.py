@@ -129,22 +129,38 @@ def bilinear_taps(in_size: int, out_size: int, device=None) -> tuple[torch.Tenso
     return i0.to(device), i1.to(device), (1 - l1).to(device), l1.to(device)
 
 
-def upsample_rows(low: torch.Tensor, rows: slice, taps_h, taps_w, width: int) -> torch.Tensor:
-    """Rows `rows` (and the first `width` columns) of the bilinear upsampling of channels-last `low` (B, h, w, C)."""
+def _height_weights(taps_h, rows: slice) -> tuple[slice, torch.Tensor]:
+    """The input rows that output rows `rows` read, and the (R, n) matrix of their bilinear weights."""
     i0, i1, l0, l1 = (t[rows] for t in taps_h)
-    top = low.index_select(1, i0) * l0[None, :, None, None] + low.index_select(1, i1) * l1[None, :, None, None]
-    j0, j1, m0, m1 = (t[:width] for t in taps_w)
-    return top.index_select(2, j0) * m0[None, None, :, None] + top.index_select(2, j1) * m1[None, None, :, None]
+    lo, hi = int(i0.min()), int(i1.max()) + 1
+    weights = torch.zeros(i0.shape[0], hi - lo, dtype=l0.dtype, device=l0.device)
+    r = torch.arange(i0.shape[0], device=l0.device)
+    weights.index_put_((r, i0 - lo), l0, accumulate=True).index_put_((r, i1 - lo), l1, accumulate=True)
+    return slice(lo, hi), weights
 
 
-def upsample_rows_backward(grad: torch.Tensor, rows: slice, taps_h, taps_w, out: torch.Tensor) -> None:
-    """Add to `out` (B, h, w, C) the gradient of `upsample_rows` for the upsampled rows' gradient `grad`."""
-    i0, i1, l0, l1 = (t[rows] for t in taps_h)
-    width = grad.shape[2]
-    j0, j1, m0, m1 = (t[:width] for t in taps_w)
-    top = torch.zeros(grad.shape[0], grad.shape[1], out.shape[2], grad.shape[3], dtype=grad.dtype, device=grad.device)
-    top.index_add_(2, j0, grad * m0[None, None, :, None]).index_add_(2, j1, grad * m1[None, None, :, None])
-    out.index_add_(1, i0, top * l0[None, :, None, None]).index_add_(1, i1, top * l1[None, :, None, None])
+def _upsample_height(low: torch.Tensor, rows: slice, taps_h) -> torch.Tensor:
+    """Rows `rows` of the height-only upsampling of channels-last `low` (B, h, w, C): (B, R, w, C)."""
+    src, weights = _height_weights(taps_h, rows)
+    b, _, w, c = low.shape
+    return torch.matmul(weights, low[:, src].reshape(b, -1, w * c)).view(b, -1, w, c)
+
+
+def _upsample_width(part: torch.Tensor, out_width: int, width: int) -> torch.Tensor:
+    """(B, R, w, C) -> (B, R, width, C): the first `width` of `out_width` bilinearly upsampled columns.
+
+    F.interpolate on the channels-last layout; R rows to R rows is the identity (weights 1 and 0), so
+    this is exactly the width pass of the full-size bilinear upsampling.
+    """
+    up = F.interpolate(part.permute(0, 3, 1, 2), size=(part.shape[1], out_width), mode="bilinear",
+                       align_corners=False)
+    return up.permute(0, 2, 3, 1)[:, :, :width]
+
+
+def upsample_rows(low: torch.Tensor, rows: slice, taps_h, size: tuple[int, int], width: int) -> torch.Tensor:
+    """Rows `rows` (and the first `width` columns) of the bilinear upsampling to `size` of channels-last
+    `low` (B, h, w, C), as (B, R, width, C)."""
+    return _upsample_width(_upsample_height(low, rows, taps_h), size[1], width)
 
 
 class _UpsampledCrossEntropy(torch.autograd.Function):
@@ -154,12 +170,11 @@ class _UpsampledCrossEntropy(torch.autograd.Function):
     def forward(ctx, low, target, size, rows_per_block):
         low_cl = low.float().permute(0, 2, 3, 1).contiguous()  # (B, h, w, C): one pixel's scores side by side
         taps_h = bilinear_taps(low.shape[2], size[0], low.device)
-        taps_w = bilinear_taps(low.shape[3], size[1], low.device)
         height, width = target.shape[1:]
         total = low_cl.new_zeros(())
         for r in range(0, height, rows_per_block):
             rows = slice(r, min(r + rows_per_block, height))
-            logits = upsample_rows(low_cl, rows, taps_h, taps_w, width)
+            logits = upsample_rows(low_cl, rows, taps_h, size, width)
             t = target[:, rows]
             valid = t >= 0
             picked = logits.gather(3, t.clamp_min(0)[..., None])[..., 0]
@@ -172,17 +187,21 @@ class _UpsampledCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_total):
         low_cl, target = ctx.saved_tensors
         taps_h = bilinear_taps(low_cl.shape[1], ctx.size[0], low_cl.device)
-        taps_w = bilinear_taps(low_cl.shape[2], ctx.size[1], low_cl.device)
         height, width = target.shape[1:]
         grad_low = torch.zeros_like(low_cl)
         for r in range(0, height, ctx.rows_per_block):
             rows = slice(r, min(r + ctx.rows_per_block, height))
-            logits = upsample_rows(low_cl, rows, taps_h, taps_w, width)
+            with torch.enable_grad():  # the width pass's own backward; the height pass's is its matrix transposed
+                part = _upsample_height(low_cl, rows, taps_h).requires_grad_()
+                logits = _upsample_width(part, ctx.size[1], width)
             t = target[:, rows]
-            g = torch.softmax(logits, dim=3)  # d CE / d logits = softmax - one-hot, on labelled pixels
+            g = torch.softmax(logits.detach(), dim=3)  # d CE / d logits = softmax - one-hot, on labelled pixels
             g.scatter_add_(3, t.clamp_min(0)[..., None], torch.full_like(g[..., :1], -1.0))
             g *= (t >= 0)[..., None] * grad_total
-            upsample_rows_backward(g, rows, taps_h, taps_w, grad_low)
+            (g_part,) = torch.autograd.grad(logits, part, g)
+            src, weights = _height_weights(taps_h, rows)
+            b, _, w, c = grad_low.shape
+            grad_low[:, src] += torch.matmul(weights.t(), g_part.reshape(b, -1, w * c)).view(b, -1, w, c)
         return grad_low.permute(0, 3, 1, 2).to(ctx.dtype), None, None, None
 
 
