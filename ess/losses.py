@@ -93,11 +93,50 @@ def ess_pixel_loss(pixels: torch.Tensor, target: torch.Tensor, class_emb: torch.
     if negatives is None:
         negatives = sample_negatives(pixels, class_emb, target, k, sampling, knn, chunk, ivf)
     candidates = torch.cat([target[:, None], negatives], dim=1)  # (P, k+1), target first
-    # index_select, not class_emb[candidates]: its backward (index_add_) is deterministic on CPU,
-    # which exact resuming relies on; advanced indexing's accumulating backward is not.
+    return _NearestNegativesCrossEntropy.apply(pixels, class_emb, candidates, float(tau))
+
+
+class _NearestNegativesCrossEntropy(torch.autograd.Function):
+    """mean over pixels of CE([-tau * ||p - c_j||, j = candidates], target first), with a hand-written backward.
+
+    The same function as gathering the candidates with index_select and composing `euclidean`
+    and F.cross_entropy under autograd (`ess_pixel_loss_reference`), in a handful of kernels
+    instead of some thirty: at small C the loss, not the search, dominated ESS's step.
+    The class gradient is accumulated with index_add_, deterministic on the CPU.
+    """
+
+    @staticmethod
+    def forward(ctx, pixels, class_emb, candidates, tau):
+        gathered = class_emb.index_select(0, candidates.flatten()).view(*candidates.shape, -1)
+        diff = pixels[:, None, :] - gathered  # (P, k+1, d)
+        sq = (diff * diff).sum(-1)
+        dist = sq.clamp_min(1e-12).sqrt()
+        logits = dist * -tau
+        lse = torch.logsumexp(logits, dim=1)
+        ctx.save_for_backward(diff, dist, sq > 1e-12, logits, lse, candidates)
+        ctx.tau, ctx.num_classes = tau, class_emb.shape[0]
+        return (lse - logits[:, 0]).mean()
+
+    @staticmethod
+    def backward(ctx, grad):
+        diff, dist, live, logits, lse, candidates = ctx.saved_tensors
+        g = torch.exp(logits - lse[:, None])  # d CE / d logits = softmax - one-hot(target first)
+        g[:, 0] -= 1
+        # d logits / d dist = -tau; d dist / d diff = diff / dist (0 where the distance was clamped)
+        coef = g * (grad * -ctx.tau / diff.shape[0]) / dist * live
+        g_diff = diff * coef[..., None]
+        g_pixels = g_diff.sum(1)
+        g_classes = torch.zeros(ctx.num_classes, diff.shape[2], dtype=diff.dtype, device=diff.device)
+        g_classes.index_add_(0, candidates.flatten(), g_diff.view(-1, diff.shape[2]), alpha=-1)
+        return g_pixels, g_classes, None, None
+
+
+def ess_pixel_loss_reference(pixels: torch.Tensor, class_emb: torch.Tensor, candidates: torch.Tensor,
+                             tau: float) -> torch.Tensor:
+    """The ESS cross-entropy through autograd: what `_NearestNegativesCrossEntropy` computes."""
     gathered = class_emb.index_select(0, candidates.flatten()).view(*candidates.shape, -1)
     logits = -tau * euclidean(pixels[:, None, :], gathered)
-    return F.cross_entropy(logits, torch.zeros_like(target))
+    return F.cross_entropy(logits, torch.zeros_like(candidates[:, 0]))
 
 
 def separation_loss(class_emb: torch.Tensor, margin: float = 0.2, knn: str = DEFAULT_KNN,

@@ -212,3 +212,23 @@ def test_head_options_are_validated(kwargs, message):
 def test_softmax_impl_is_validated():
     with pytest.raises(ValueError, match="softmax impl must be one of dense, chunked"):
         SoftmaxHead(4, 10, impl="fused")
+
+
+def test_fused_ess_loss_equals_autograd_composition():
+    from ess.losses import ess_pixel_loss_reference
+
+    g = torch.Generator().manual_seed(9)
+    classes = F.normalize(torch.randn(30, 6, generator=g), dim=1).requires_grad_()
+    pixels = F.normalize(torch.randn(500, 6, generator=g), dim=1)
+    target = torch.randint(0, 30, (500,), generator=g)
+    pixels[:50] = classes.detach()[target[:50]]  # zero distance to the target: the clamped, gradient-free case
+    pixels.requires_grad_()
+    negatives = knn_excluding(pixels, classes, target, 7, "torch")
+    got = ess_pixel_loss(pixels, target, classes, k=7, tau=20.0, negatives=negatives)
+    grads = torch.autograd.grad(got, (pixels, classes))
+    candidates = torch.cat([target[:, None], negatives], 1)
+    expected = ess_pixel_loss_reference(pixels, classes, candidates, 20.0)
+    expected_grads = torch.autograd.grad(expected, (pixels, classes))
+    assert got.item() == pytest.approx(expected.item(), rel=1e-6)
+    for a, b in zip(grads, expected_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
