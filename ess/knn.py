@@ -204,6 +204,14 @@ def kmeans_torch(points: torch.Tensor, clusters: int, iters: int = 10, seed: int
     return centroids
 
 
+def ivf_uses_faiss(device: torch.device, prefer: bool | None = None) -> bool:
+    """Whether IVF goes through faiss: `prefer` when given; else where faiss searches on the data's own
+    device (any faiss on the CPU, faiss-gpu on CUDA), so CUDA embeddings never make a host round trip."""
+    if prefer is not None:
+        return prefer
+    return faiss_available() and (device.type != "cuda" or faiss_uses_gpu(device))
+
+
 class IvfSearch:
     """Approximate k-nearest-neighbour search among class embeddings through an inverted file.
 
@@ -213,8 +221,9 @@ class IvfSearch:
     between, every `update` files the current embeddings into the kept cells, so the search
     always ranks the current embeddings, only the partition is stale.
 
-    faiss's IndexIVFFlat (GpuIndexIVFFlat for CUDA tensors with faiss-gpu) when faiss is
-    installed, else a torch k-means and a per-cell search. Below `min_classes` classes, or
+    faiss's IndexIVFFlat (GpuIndexIVFFlat for CUDA tensors with faiss-gpu) when faiss can
+    search where the tensors live (use_faiss=None: faiss-gpu for CUDA tensors, any faiss for
+    CPU ones), else a torch k-means and a per-cell search on the tensors' device. Below `min_classes` classes, or
     with nprobe >= nlist, `search` is exact. A query whose probed cells hold fewer than k
     classes is searched exactly, so every row has k valid indices.
     """
@@ -229,7 +238,8 @@ class IvfSearch:
             raise ValueError(f"ivf_rebuild_every must be a positive integer, got {rebuild_every}")
         self.nlist, self.nprobe, self.rebuild_every = nlist, nprobe, rebuild_every
         self.min_classes, self.chunk = min_classes, chunk
-        self.use_faiss = faiss_available() if use_faiss is None else use_faiss
+        self.prefer_faiss = use_faiss
+        self.use_faiss = False  # decided by update() for the device of the embeddings
         self.updates = 0
         self.centroids: torch.Tensor | None = None  # (nlist, d) of the last clustering
         self._index = None  # faiss index, trained on `centroids`
@@ -254,6 +264,7 @@ class IvfSearch:
         stale = (self.centroids is None or self.updates % self.rebuild_every == 0
                  or self.centroids.shape[1] != base.shape[1] or self.centroids.device != base.device)
         if stale:
+            self.use_faiss = ivf_uses_faiss(base.device, self.prefer_faiss)
             self.centroids = self._cluster(base, self.cells(base.shape[0])[0])
         self._file(base)
         self.updates += 1

@@ -164,7 +164,7 @@ def test_ess_head_with_ivf_trains_and_predicts_exactly():
     torch.manual_seed(0)
     head = EssHead(8, 300, embed_dim=6, knn="ivf", nlist=12, nprobe=3, knn_stride=2)
     head.ivf.min_classes = 0
-    head.ivf.use_faiss = False
+    head.ivf.prefer_faiss = False
     out = head(torch.randn(2, 8, 4, 4), (16, 16))
     loss = head.loss(out, torch.randint(0, 301, (2, 16, 16)))
     loss.backward()
@@ -197,6 +197,9 @@ def test_auto_backend():
         assert resolve_backend("auto", cuda, 10000) == "torch"
     with pytest.raises(ValueError, match="unknown kNN backend"):
         resolve_backend("annoy", cpu, 10)
+    from ess.knn import ivf_uses_faiss
+    assert ivf_uses_faiss(cpu) == faiss_available() and not ivf_uses_faiss(cpu, prefer=False)
+    assert ivf_uses_faiss(cuda) == faiss_uses_gpu(cuda)  # faiss-cpu never serves CUDA embeddings
 
 
 @pytest.mark.parametrize("kwargs,message", [({"knn_stride": 3}, "knn_stride must be one of 1, 2, 4, 8"),
