@@ -4,6 +4,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 # torch and torchvision are pinned to a known-good pair; override for another CUDA build.
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+# faiss build: cpu (faiss-cpu) or gpu (faiss-gpu-cu12, CUDA 12, Linux x86_64): `make setup FAISS=gpu`.
+FAISS ?= cpu
 DEMO ?= demo-out
 
 .PHONY: setup demo test bench clean
@@ -14,7 +16,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip
 	$(BIN)/pip install $(TORCH_SPEC)
-	$(BIN)/pip install -e '.[dev]'
+	$(BIN)/pip install -e '.[dev,$(FAISS)]'
 	$(BIN)/pip install --no-deps 'lvis==0.5.3'
 	touch $@
 

@@ -80,7 +80,7 @@ def _size(ctx, param, value):
               help="cpu: resnet18, 128x128, batch 2, C = 19,150,1284,10000 (a few minutes on 2 cores). "
                    "paper: the published set-up, resnet50, 19 classes at 1024x2048, 150 and 1284 at 512x512.")
 @click.option("--classes", callback=_class_counts, default=None,
-              help="Comma-separated class counts C, overriding the preset's, e.g. 19,150,1284.")
+              help="Comma-separated class counts C, overriding the preset's, e.g. 19,150,1284,20000.")
 @click.option("--size", callback=_size, default=None,
               help="Input size HxW for every class count, overriding the preset's.")
 @click.option("--batch", type=click.IntRange(min=2), default=None,
@@ -88,8 +88,9 @@ def _size(ctx, param, value):
                    "branch needs two images in training. Inference time is reported per image.")
 @click.option("--encoder", default=None,
               help="Encoder, any that `ess train --encoder` accepts, overriding the preset's (resnet18 / resnet50).")
-@click.option("--heads", default="softmax,ess", show_default=True,
-              help="Heads to time: softmax and/or ess, comma-separated.")
+@click.option("--heads", default="softmax,softmax-chunked,ess,ess-stride4-ivf", show_default=True,
+              help="Heads to time, comma-separated: softmax, softmax-chunked (the exact loss without full-resolution "
+                   "logits), ess, ess-stride4 (one kNN search per 2x2 pixels), ess-ivf (IVF search), ess-stride4-ivf.")
 @click.option("--repeats", type=click.IntRange(min=1), default=None,
               help="Timed iterations per measurement; the median is reported (preset: cpu 5, paper 10).")
 @click.option("--warmup", type=click.IntRange(min=0), default=None,
@@ -104,14 +105,15 @@ def timing(preset, classes, size, batch, encoder, heads, repeats, warmup, device
     """Inference seconds per image and training seconds per iteration, with peak memory, for each
     class count and head, on synthetic tensors; each measurement runs in a fresh process."""
     from bench.timing import run_timing, timing_plan
+    from ess.heads import VARIANTS
     from ess.model import ENCODERS
 
     if encoder is not None and encoder not in ENCODERS:
         raise click.BadParameter(f"{encoder!r} is not one of {', '.join(ENCODERS)}", param_hint="--encoder")
     head_list = [h.strip() for h in heads.split(",") if h.strip()]
-    bad = [h for h in head_list if h not in ("softmax", "ess")]
+    bad = [h for h in head_list if h not in VARIANTS]
     if bad or not head_list:
-        raise click.BadParameter(f"heads must be softmax and/or ess, got {heads!r}", param_hint="--heads")
+        raise click.BadParameter(f"heads must be any of {', '.join(VARIANTS)}, got {heads!r}", param_hint="--heads")
     plan = timing_plan(preset, classes=classes, size=size, batch=batch, encoder=encoder, heads=head_list,
                        repeats=repeats, warmup=warmup, device=device, amp=amp, threads=threads)
     run_timing(plan, out)

@@ -5,19 +5,19 @@ allocations never inflate another's peak. Workers are forked from a server that 
 already imported torch and the models (multiprocessing "forkserver" with preloading),
 which makes a fresh process cost a fraction of a second instead of several.
 
-Memory: on CUDA the allocator's peak (`torch.cuda.max_memory_allocated` after
-`reset_peak_memory_stats`); on a CPU the worker's peak resident set size
-(`getrusage(RUSAGE_SELF).ru_maxrss`), which includes the interpreter, torch and the
-model, so the increase over the peak after the model was built is reported as well.
+Memory (ess.measure.PeakMemory): on CUDA the allocator's peak (`torch.cuda.max_memory_allocated`
+after `reset_peak_memory_stats`); on a CPU the worker's peak resident set size (Linux VmHWM,
+reset when the model is built; elsewhere getrusage ru_maxrss), which includes the interpreter,
+torch and the model, so the increase over the memory in use after the model was built is
+reported as well.
+
+Heads are the named variants of ess.heads.VARIANTS: softmax, softmax-chunked, ess,
+ess-stride4, ess-ivf, ess-stride4-ivf.
 """
 from __future__ import annotations
 
 import multiprocessing
 import platform
-import resource
-import statistics
-import sys
-import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field, replace
@@ -29,9 +29,15 @@ import pandas as pd
 from bench.report import (files_section, fmt, markdown_table, new_figure, plain_log_ticks, plural,
                           save_figure, save_table, write_summary)
 
+from ess.heads import VARIANTS
+
 # The published table's data sets, by class count.
 DATASETS = {19: "Cityscapes", 150: "ADE20K", 1284: "COCO+LVIS"}
-HEAD_NAMES = {"softmax": "softmax", "ess": "ESS"}
+HEAD_NAMES = {"softmax": "softmax", "softmax-chunked": "softmax (chunked loss)", "ess": "ESS",
+              "ess-stride4": "ESS, stride 4", "ess-ivf": "ESS, IVF", "ess-stride4-ivf": "ESS, stride 4 + IVF"}
+DEFAULT_HEADS = ("softmax", "softmax-chunked", "ess", "ess-stride4-ivf")
+COLORS = {"softmax": "#d62728", "softmax-chunked": "#ff7f0e", "ess": "#1f77b4", "ess-stride4": "#17becf",
+          "ess-ivf": "#9467bd", "ess-stride4-ivf": "#2ca02c"}
 PHASES = ("inference", "training")
 MIB = 2 ** 20
 
@@ -50,7 +56,7 @@ class Setup:
 @dataclass(frozen=True)
 class TimingPlan:
     setups: tuple[Setup, ...]
-    heads: tuple[str, ...] = ("softmax", "ess")
+    heads: tuple[str, ...] = DEFAULT_HEADS
     encoder: str = "resnet18"
     batch: int = 2
     repeats: int = 5
@@ -93,15 +99,13 @@ def timing_plan(preset: str = "cpu", *, classes: list[int] | None = None, size: 
         setups = tuple(Setup(c, sizes.get(c, default)) for c in classes)
     if size is not None:
         setups = tuple(replace(s, size=tuple(size)) for s in setups)
-    return TimingPlan(setups=tuple(setups), heads=tuple(heads or ("softmax", "ess")),
+    unknown = [h for h in heads or () if h not in VARIANTS]
+    if unknown:
+        raise ValueError(f"unknown head {unknown[0]!r}; expected any of {', '.join(VARIANTS)}")
+    return TimingPlan(setups=tuple(setups), heads=tuple(heads or DEFAULT_HEADS),
                       encoder=encoder or p["encoder"], batch=batch or p["batch"],
                       repeats=repeats or p["repeats"], warmup=p["warmup"] if warmup is None else warmup,
                       device=device, amp=amp, embed_dim=embed_dim, threads=threads, preset=preset)
-
-
-def _peak_rss_bytes() -> int:
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss if sys.platform == "darwin" else rss * 1024  # bytes on macOS, KiB on Linux
 
 
 def synthetic_batch(num_classes: int, size: tuple[int, int], batch: int, device, seed: int = 0):
@@ -124,6 +128,7 @@ def measure(head: str, num_classes: int, phase: str, plan: TimingPlan) -> dict:
     """Time one phase of one model; meant to run alone in a fresh process."""
     import torch
 
+    from ess.measure import PeakMemory, median, time_calls
     from ess.model import build_model
 
     if plan.threads is not None:
@@ -132,7 +137,9 @@ def measure(head: str, num_classes: int, phase: str, plan: TimingPlan) -> dict:
     device = torch.device(plan.device)
     cuda = device.type == "cuda"
     size = next(s.size for s in plan.setups if s.num_classes == num_classes)
-    model = build_model(head, num_classes, encoder=plan.encoder, embed_dim=plan.embed_dim, **plan.head_options).to(device)
+    kind, options = VARIANTS[head]
+    model = build_model(kind, num_classes, encoder=plan.encoder, embed_dim=plan.embed_dim,
+                        **{**plan.head_options, **options}).to(device)
     x, mask = synthetic_batch(num_classes, size, plan.batch, device)
     autocast = torch.autocast(device.type, dtype=torch.float16, enabled=plan.amp and cuda)
 
@@ -155,25 +162,10 @@ def measure(head: str, num_classes: int, phase: str, plan: TimingPlan) -> dict:
             scaler.step(optimizer)
             scaler.update()
 
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
-    if cuda:
-        sync()
-        torch.cuda.reset_peak_memory_stats(device)
-        baseline = torch.cuda.memory_allocated(device)
-    else:
-        baseline = _peak_rss_bytes()
-    for _ in range(plan.warmup):
-        step()
-    times = []
-    for _ in range(plan.repeats):
-        sync()
-        start = time.perf_counter()
-        step()
-        sync()
-        times.append(time.perf_counter() - start)
-    peak = torch.cuda.max_memory_allocated(device) if cuda else _peak_rss_bytes()
-    return {"seconds": statistics.median(times), "times": times, "peak_bytes": peak,
-            "increase_bytes": max(peak - baseline, 0), "threads": torch.get_num_threads()}
+    with PeakMemory(device) as mem:
+        times = time_calls(step, plan.repeats, plan.warmup, device)
+    return {"seconds": median(times), "times": times, "peak_bytes": mem.peak_bytes(),
+            "increase_bytes": mem.increase_bytes(), "threads": torch.get_num_threads()}
 
 
 def _pool_context():
@@ -227,9 +219,10 @@ def time_heads(plan: TimingPlan, progress: bool = True) -> pd.DataFrame:
 
 def environment(plan: TimingPlan) -> dict[str, str]:
     """Device and library versions, for the summary."""
-    import faiss
     import segmentation_models_pytorch as smp
     import torch
+
+    from ess.knn import faiss_module
 
     if plan.device == "cuda":
         device = f"CUDA: {torch.cuda.get_device_name(0)} (CUDA {torch.version.cuda})"
@@ -242,20 +235,20 @@ def environment(plan: TimingPlan) -> dict[str, str]:
             pass
         device = f"CPU: {cpu}, {plural(plan.threads or torch.get_num_threads(), 'torch thread')}"
     return {"device": device, "python": platform.python_version(), "torch": torch.__version__,
-            "segmentation-models-pytorch": smp.__version__, "faiss": faiss.__version__}
+            "segmentation-models-pytorch": smp.__version__,
+            "faiss": faiss_module().__version__ if faiss_module() is not None else "not installed (kNN by torch)"}
 
 
 def plot_timing(table: pd.DataFrame, plan: TimingPlan):
     fig = new_figure(12, 4.5)
     ax_t, ax_m = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
-    colors = {"softmax": "#d62728", "ess": "#1f77b4"}
     memory = "increase_mib" if plan.device == "cpu" else "peak_mib"
     for head, rows in table.groupby("head", sort=False):
         c = rows["classes"].to_numpy()
-        ax_t.plot(c, rows["training_s_per_iter"], "o-", color=colors[head], label=f"{HEAD_NAMES[head]} training / iter")
-        ax_t.plot(c, rows["inference_s_per_image"], "s--", color=colors[head], label=f"{HEAD_NAMES[head]} inference / image")
-        ax_m.plot(c, rows[f"training_{memory}"], "o-", color=colors[head], label=f"{HEAD_NAMES[head]} training")
-        ax_m.plot(c, rows[f"inference_{memory}"], "s--", color=colors[head], label=f"{HEAD_NAMES[head]} inference")
+        ax_t.plot(c, rows["training_s_per_iter"], "o-", color=COLORS[head], label=f"{HEAD_NAMES[head]} training / iter")
+        ax_t.plot(c, rows["inference_s_per_image"], "s--", color=COLORS[head], label=f"{HEAD_NAMES[head]} inference / image")
+        ax_m.plot(c, rows[f"training_{memory}"], "o-", color=COLORS[head], label=f"{HEAD_NAMES[head]} training")
+        ax_m.plot(c, rows[f"inference_{memory}"], "s--", color=COLORS[head], label=f"{HEAD_NAMES[head]} inference")
     for ax in (ax_t, ax_m):
         ax.set_xscale("log")
         plain_log_ticks(ax.xaxis)
@@ -273,16 +266,27 @@ def plot_timing(table: pd.DataFrame, plan: TimingPlan):
 
 
 def ratios(table: pd.DataFrame) -> pd.DataFrame:
-    """softmax / ESS ratios per class count: > 1 means ESS is faster or smaller."""
-    if not {"softmax", "ess"} <= set(table["head"]):
+    """softmax / ESS-variant ratios per class count (> 1 means the ESS variant is faster or smaller), and the
+    chunked softmax's memory increase over ESS's (the target: at most 2)."""
+    heads = list(dict.fromkeys(table["head"]))
+    if "softmax" not in heads or not any(h.startswith("ess") for h in heads):
         return pd.DataFrame()
     wide = table.set_index(["classes", "head"])
     out = []
     for c in table["classes"].unique():
-        s, e = wide.loc[(c, "softmax")], wide.loc[(c, "ess")]
-        out.append({"C": int(c), "inference time softmax/ESS": s["inference_s_per_image"] / e["inference_s_per_image"],
-                    "training time softmax/ESS": s["training_s_per_iter"] / e["training_s_per_iter"],
-                    "training memory increase softmax/ESS": s["training_increase_mib"] / e["training_increase_mib"]})
+        s = wide.loc[(c, "softmax")]
+        row = {"C": int(c)}
+        for head in (h for h in heads if h.startswith("ess")):
+            e, name = wide.loc[(c, head)], HEAD_NAMES[head]
+            row[f"inference time softmax/{name}"] = s["inference_s_per_image"] / e["inference_s_per_image"]
+            row[f"training time softmax/{name}"] = s["training_s_per_iter"] / e["training_s_per_iter"]
+            row[f"training memory increase softmax/{name}"] = s["training_increase_mib"] / e["training_increase_mib"]
+        if "softmax-chunked" in heads and "ess" in heads:
+            k, e = wide.loc[(c, "softmax-chunked")], wide.loc[(c, "ess")]
+            row["training time softmax/softmax (chunked loss)"] = s["training_s_per_iter"] / k["training_s_per_iter"]
+            row["training memory increase softmax (chunked loss)/ESS"] = (k["training_increase_mib"]
+                                                                          / e["training_increase_mib"])
+        out.append(row)
     return pd.DataFrame(out)
 
 
@@ -296,9 +300,10 @@ def run_timing(plan: TimingPlan, out: str | Path, echo: bool = True, progress: b
              "timing.png": save_figure(plot_timing(table, plan), out / "timing.png")}
 
     cpu = plan.device == "cpu"
-    mem_note = ("CPU: the measuring process's peak resident set size (getrusage ru_maxrss, includes the Python "
-                "interpreter, torch and the model), and in brackets its increase over the peak right after the model "
-                "and inputs were built." if cpu else
+    mem_note = ("CPU: the measuring process's peak resident set size (Linux VmHWM reset after the model and inputs "
+                "were built, elsewhere getrusage ru_maxrss; includes the Python interpreter, torch and the model), and "
+                "in brackets its increase over the resident set right after the model and inputs were built."
+                if cpu else
                 "CUDA: torch.cuda.max_memory_allocated after reset_peak_memory_stats (model, activations, gradients, "
                 "optimizer state), and in brackets its increase over the memory allocated before the first step.")
     shown = pd.DataFrame({
@@ -328,7 +333,9 @@ def run_timing(plan: TimingPlan, out: str | Path, echo: bool = True, progress: b
         "",
     ]
     if len(ratio_table):
-        lines += ["Ratios (softmax / ESS; above 1 means ESS is faster or smaller):", "", markdown_table(ratio_table, 3), ""]
+        lines += ["Ratios (softmax / ESS variant: above 1 means the ESS variant is faster or smaller; the chunked "
+                  "softmax's training memory increase over ESS's):", "",
+                  markdown_table(ratio_table.set_index("C").T.reset_index(names="ratio"), 3), ""]
     if errors:
         lines += ["Measurements that failed:", "", *errors, ""]
     lines.append(files_section(out, {

@@ -4,60 +4,38 @@
 
 Each measurement runs in a fresh subprocess (after one warm-up step): the head (1x1 conv, bilinear upsampling
 to the label size, loss) forward and backward on decoder features of a B x H x W
-batch, every pixel labelled. Peak memory is the process's peak resident set during
-the step minus its resident set just before it (Linux /proc/self/clear_refs resets the
-peak; elsewhere ru_maxrss is used). A measurement predicted not to fit in the memory
-available is skipped and said so. Rows:
-    softmax     C-way logits upsampled to the label size, cross-entropy
-    ess         d=12 embeddings, chunked nearest-neighbour negatives (the implementation)
-    ess-naive   the same loss through one pixels x C and one C x C distance matrix
-Then the two kNN backends are timed on the same search (pixels vs C classes, k=8).
+batch, every pixel labelled. Peak memory (ess.measure.PeakMemory) is the process's peak
+resident set during the step minus its resident set just before it. A measurement
+predicted not to fit in the memory available is skipped and said so. Rows:
+    softmax          C-way logits upsampled to the label size, cross-entropy
+    softmax-chunked  the same loss from the decoder-resolution logits, upsampled a block of rows at a time
+    ess              d=12 embeddings, exact chunked nearest-neighbour negatives (the implementation)
+    ess-stride4      one search per 2x2 block of pixels, negatives shared within the block
+    ess-ivf          IVF search of the negatives (exact below the class count where it cannot win)
+    ess-stride4-ivf  both
+    ess-naive        the same loss through one pixels x C and one C x C distance matrix
+Then the search itself: the exact kNN backends, and what stride and IVF change in the
+negatives (share of pixels whose shared negatives differ from their own k nearest;
+recall@k of IVF against exact search) and in search time.
 """
 from __future__ import annotations
 
 import json
 import os
-import re
-import resource
-import statistics
 import subprocess
 import sys
 import time
 
 import click
 
-from ess.knn import BACKENDS, DEFAULT_KNN
+from ess.heads import VARIANTS
+from ess.knn import BACKENDS, DEFAULT_KNN, faiss_available
+from ess.measure import PeakMemory, available_bytes, median, time_calls
 
 DECODER_CHANNELS = 256
 EMBED_DIM = 12
 K = 7
-
-
-def _status_kb(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            match = re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.M)
-    except OSError:
-        return None
-    return int(match.group(1)) if match else None
-
-
-def _reset_peak() -> bool:
-    """Reset the kernel's peak-RSS counter to the current RSS; False where unsupported."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        return False
-    return _status_kb("VmHWM") is not None
-
-
-def available_bytes() -> int:
-    try:
-        with open("/proc/meminfo") as f:
-            return int(re.search(r"^MemAvailable:\s+(\d+) kB", f.read(), re.M).group(1)) * 1024
-    except (OSError, AttributeError):
-        return 8 << 30
+ROWS = (*VARIANTS, "ess-naive")
 
 
 def predicted_bytes(head: str, classes: int, batch: int, height: int, width: int) -> int:
@@ -65,6 +43,8 @@ def predicted_bytes(head: str, classes: int, batch: int, height: int, width: int
     pixels = batch * height * width
     if head == "softmax":  # upsampled logits, their log-softmax, and the gradients of both, in float32
         return 16 * pixels * classes
+    if head == "softmax-chunked":  # decoder-resolution logits and their gradient, one block of rows
+        return 8 * pixels * classes // 16 + (64 << 20)
     if head == "ess-naive":  # one pixels x C and one C x C distance matrix, besides what `ess` needs
         return 4 * pixels * classes + 4 * classes * classes + 4000 * pixels
     return 4000 * pixels + 64 * classes  # (P, k+1, d) gathers and gradients; flat in C
@@ -91,20 +71,17 @@ def naive_ess_loss(pixels, target, classes, k=K, tau=20.0, margin=0.2):
 
 
 def measure_step(head: str, classes: int, batch: int, height: int, width: int, repeats: int, knn: str) -> dict:
-    """One fresh-process measurement: peak extra memory of the first step, median time of the next ones."""
+    """One fresh-process measurement: peak extra memory of the timed steps, median time of them."""
     import torch
     import torch.nn.functional as F
 
-    from ess.heads import EssHead, SoftmaxHead
-    from ess.model import ModelArgs
+    from ess.heads import build_head
 
     torch.manual_seed(0)
     features = torch.randn(batch, DECODER_CHANNELS, height // 4, width // 4, requires_grad=True)
     mask = torch.randint(1, classes + 1, (batch, height, width))
-    if head == "softmax":
-        module = SoftmaxHead(DECODER_CHANNELS, classes)
-    else:
-        module = EssHead(DECODER_CHANNELS, classes, **ModelArgs(embed_dim=EMBED_DIM, k=K, knn=knn).head_options())
+    variant = "ess" if head == "ess-naive" else head
+    module = build_head(variant, DECODER_CHANNELS, classes, embed_dim=EMBED_DIM, k=K, knn=knn)
 
     def step():
         output = module(features, (height, width))
@@ -119,18 +96,12 @@ def measure_step(head: str, classes: int, batch: int, height: int, width: int, r
         module.zero_grad(set_to_none=True)
 
     start = time.perf_counter()
-    step()  # warm-up: lazy library set-up is neither timed nor counted
+    step()  # warm-up: lazy library set-up (and the IVF index's first clustering) is neither timed nor counted
     first = time.perf_counter() - start
-    exact = _reset_peak()
-    before = _status_kb("VmRSS") if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    times = []
-    for _ in range(repeats if first < 5 else 1):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-        peak = _status_kb("VmHWM") if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"head": head, "classes": classes, "seconds": statistics.median(times),
-            "peak_mb": (peak - before) / 1024, "peak_method": "VmHWM" if exact else "ru_maxrss"}
+    with PeakMemory("cpu") as mem:
+        times = time_calls(step, repeats if first < 5 else 1)
+    return {"head": head, "classes": classes, "seconds": median(times),
+            "peak_mb": mem.increase_bytes() / 2 ** 20, "peak_method": mem.method}
 
 
 def run_child(head: str, classes: int, size: tuple[int, int, int], repeats: int, knn: str) -> dict:
@@ -171,6 +142,58 @@ def knn_table(class_counts: list[int], queries: int, repeats: int) -> list[dict]
     return rows
 
 
+def search_table(class_counts: list[int], batch: int, height: int, width: int, repeats: int) -> list[dict]:
+    """What knn_stride and IVF change in the negatives of one batch, and the search time they take.
+
+    Pixel embeddings as the head makes them (random decoder-resolution embeddings, upsampled
+    bilinearly and normalised), targets in 32x32 blocks, normalised random class embeddings.
+    "differ": share of pixels whose k negatives (as a set) are not their own exact k nearest;
+    recall@k: share of the exact k negatives that the search found. Exact search: the auto backend.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    from ess.knn import IvfSearch, knn_excluding, recall_at_k
+    from ess.losses import block_negatives
+
+    def differ(a, b):
+        return float((a.sort(1).values != b.sort(1).values).any(1).float().mean())
+
+    def timed(fn):
+        out = []
+        times = time_calls(lambda: out.append(fn()), repeats if c < 5000 else 1)
+        return out[-1], median(times)
+
+    rows = []
+    for c in class_counts:
+        g = torch.Generator().manual_seed(c)
+        low = torch.randn(batch, EMBED_DIM, height // 4, width // 4, generator=g)
+        emb = F.normalize(F.interpolate(low, size=(height, width), mode="bilinear", align_corners=False), dim=1)
+        blocks = torch.randint(0, c, (batch, 1, -(-height // 32), -(-width // 32)), generator=g).float()
+        target = F.interpolate(blocks, scale_factor=32, mode="nearest")[:, 0, :height, :width].long().flatten()
+        labelled = torch.ones(batch, height, width, dtype=torch.bool)
+        pixels = emb.permute(0, 2, 3, 1).reshape(-1, EMBED_DIM)
+        base = F.normalize(torch.rand(c, EMBED_DIM, generator=g) * 2 - 1, dim=1)
+        exact, t_exact = timed(lambda: knn_excluding(pixels, base, target, K, "auto"))
+        row = {"classes": c, "exact_s": t_exact}
+        for stride in (2, 4, 8):
+            shared, t = timed(lambda: block_negatives(emb, labelled, target, base, K, stride, "auto"))
+            row[f"stride{stride}_s"], row[f"stride{stride}_differ"] = t, differ(shared, exact)
+            row[f"stride{stride}_recall"] = recall_at_k(shared, exact)
+        ivf = IvfSearch()
+        row["ivf_exact"] = ivf.exact(c)
+        row["nlist"], row["nprobe"] = ivf.cells(c)
+        start = time.perf_counter()
+        ivf.update(base)  # the first update clusters the class embeddings
+        row["ivf_build_s"] = time.perf_counter() - start
+        found, row["ivf_s"] = timed(lambda: knn_excluding(pixels, base, target, K, "ivf", ivf=ivf))
+        row["ivf_recall"] = recall_at_k(found, exact)
+        both, row["stride4_ivf_s"] = timed(lambda: block_negatives(emb, labelled, target, base, K, 4, "ivf", ivf=ivf))
+        row["stride4_ivf_recall"] = recall_at_k(both, exact)
+        rows.append(row)
+    return rows
+
+
 def _fmt_mb(row: dict) -> str:
     return f"{row['peak_mb']:9.0f}" if "peak_mb" in row else f"{'-':>9}"
 
@@ -183,13 +206,13 @@ def _fmt_s(row: dict) -> str:
 @click.option("--classes", default="19,150,1284,10000,20000", show_default=True,
               help="Comma-separated class counts to measure.")
 @click.option("--size", default="2x256x256", show_default=True, help="Batch x height x width of the labels.")
-@click.option("--heads", default="softmax,ess,ess-naive", show_default=True,
-              help="Rows to measure: softmax, ess, ess-naive (the unchunked reference); empty for none.")
+@click.option("--heads", default=",".join(ROWS), show_default=True,
+              help=f"Rows to measure, any of {', '.join(ROWS)} (see the module docstring); empty for none.")
 @click.option("--repeats", default=3, show_default=True, help="Timed steps after the first (median reported).")
 @click.option("--max-gb", type=float, help="Skip measurements predicted above this [default: available memory - 2 GB].")
 @click.option("--knn", type=click.Choice(BACKENDS), default=DEFAULT_KNN, show_default=True,
               help="kNN backend of the ESS rows.")
-@click.option("--no-knn-table", is_flag=True, help="Skip the kNN backend comparison.")
+@click.option("--no-knn-table", is_flag=True, help="Skip the kNN backend comparison and the stride / IVF table.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Also write every figure to this JSON file.")
 @click.option("--measure", hidden=True, help="Internal: HEAD:C, measure one step in this process and print JSON.")
 def main(classes, size, heads, repeats, max_gb, knn, no_knn_table, json_out, measure):
@@ -208,12 +231,15 @@ def main(classes, size, heads, repeats, max_gb, knn, no_knn_table, json_out, mea
     import torch
 
     head_names = [h.strip() for h in heads.split(",") if h.strip()]
+    unknown = [h for h in head_names if h not in ROWS]
+    if unknown:
+        raise click.UsageError(f"--heads: unknown row {unknown[0]!r}; expected any of {', '.join(ROWS)}")
     limit = max_gb * 1e9 if max_gb is not None else available_bytes() - 2e9
     click.echo(f"One training step (forward + backward) of the loss alone, labels {batch} x {height} x {width}, "
                f"d={EMBED_DIM}, k={K}, {torch.get_num_threads()} threads, kNN backend {knn}")
     click.echo(f"Peak memory: extra resident memory of the step, fresh process each; skip above {limit / 1e9:.1f} GB "
                "predicted.")
-    click.echo(f"{'head':<10} {'classes':>7} {'seconds':>8} {'peak MB':>9}  note")
+    click.echo(f"{'head':<16} {'classes':>7} {'seconds':>8} {'peak MB':>9}  note")
     results = []
     for c in counts:
         for head in head_names:
@@ -224,40 +250,60 @@ def main(classes, size, heads, repeats, max_gb, knn, no_knn_table, json_out, mea
                 row = run_child(head, c, (batch, height, width), repeats, knn)
             results.append(row)
             note = row.get("skipped") or row.get("error") or ""
-            click.echo(f"{head:<10} {c:>7} {_fmt_s(row)} {_fmt_mb(row)}  {note}")
+            click.echo(f"{head:<16} {c:>7} {_fmt_s(row)} {_fmt_mb(row)}  {note}")
 
-    def peak(head, c):
-        return next((r["peak_mb"] for r in results if r["head"] == head and r["classes"] == c and "peak_mb" in r), None)
+    def value(key, head, c):
+        return next((r[key] for r in results if r["head"] == head and r["classes"] == c and key in r), None)
 
     click.echo("")
-    click.echo("Ratios (peak memory)")
+    click.echo("Ratios (time / peak memory; above 1 means the second row is faster / smaller)")
+    pairs = [("softmax", "ess"), ("softmax-chunked", "ess"), ("softmax", "softmax-chunked"),
+             ("ess", "ess-stride4"), ("ess", "ess-ivf"), ("ess", "ess-stride4-ivf"), ("ess-naive", "ess")]
     for c in counts:
         parts = []
-        if peak("softmax", c) and peak("ess", c):
-            parts.append(f"softmax / ess = {peak('softmax', c) / peak('ess', c):6.1f}x")
-        if peak("ess-naive", c) and peak("ess", c):
-            parts.append(f"ess-naive / ess = {peak('ess-naive', c) / peak('ess', c):6.1f}x")
-        click.echo(f"  C={c:<6} " + ("   ".join(parts) if parts else "-"))
+        for a, b in pairs:
+            ta, tb, ma, mb = (value(key, h, c) for key in ("seconds", "peak_mb") for h in (a, b))
+            if ta and tb and ma and mb:
+                parts.append(f"{a}/{b} {ta / tb:5.2f}x time {ma / mb:5.1f}x memory")
+        click.echo(f"  C={c:<6} " + ("\n           ".join(parts) if parts else "-"))
     lo, hi = min(counts), max(counts)
-    if peak("ess", lo) and peak("ess", hi):
-        growth = peak("ess", hi) / peak("ess", lo)
-        verdict = "within" if growth <= 1.5 else "NOT within"
-        click.echo(f"  ESS peak at C={hi} is {growth:.2f}x its peak at C={lo}: {verdict} the 1.5x target")
+    if value("peak_mb", "ess", lo) and value("peak_mb", "ess", hi):
+        growth = value("peak_mb", "ess", hi) / value("peak_mb", "ess", lo)
+        verdict = "within" if growth <= 1.2 else "NOT within"
+        click.echo(f"  ESS peak at C={hi} is {growth:.2f}x its peak at C={lo}: {verdict} the 1.2x target")
 
-    knn_rows = []
+    knn_rows, search_rows = [], []
     if not no_knn_table:
         queries = batch * height * width
         click.echo("")
         click.echo(f"kNN search: {queries} queries among C classes, d={EMBED_DIM}, k={K + 1}, best of {repeats}")
         click.echo(f"{'classes':>7} {'torch s':>8} {'faiss s':>8} {'faiss/torch':>11} {'same':>6}")
-        knn_rows = knn_table(counts, queries, repeats)
+        knn_rows = knn_table(counts, queries, repeats) if faiss_available() else []
+        if not knn_rows:
+            click.echo("  (faiss is not installed: nothing to compare)")
         for r in knn_rows:
             click.echo(f"{r['classes']:>7} {r['torch']:8.3f} {r['faiss']:8.3f} {r['faiss'] / r['torch']:11.2f} "
                        f"{r['same']:6.1%}")
+        click.echo("")
+        click.echo(f"Negatives of {queries} pixels, k={K}: exact search (auto backend) against one search per block "
+                   "(stride) and IVF. differ: share of pixels whose negatives are not their own exact k nearest; "
+                   "recall: share of the exact k negatives found; s: search seconds (IVF: search only; build: its "
+                   "first clustering, redone every ivf_rebuild_every steps).")
+        click.echo(f"{'classes':>7} {'exact s':>8} {'s2 differ':>9} {'s4 s':>7} {'s4 differ':>9} {'s4 recall':>9} {'s8 differ':>9} "
+                   f"{'nlist/probe':>11} {'build s':>7} {'ivf s':>7} {'recall':>7} {'s4+ivf s':>8} {'recall':>7} "
+                   f"{'exact/(s4+ivf)':>14}")
+        search_rows = search_table(counts, batch, height, width, repeats)
+        for r in search_rows:
+            cells = "exact" if r["ivf_exact"] else f"{r['nlist']}/{r['nprobe']}"
+            click.echo(f"{r['classes']:>7} {r['exact_s']:8.3f} {r['stride2_differ']:9.1%} {r['stride4_s']:7.3f} "
+                       f"{r['stride4_differ']:9.1%} {r['stride4_recall']:9.1%} {r['stride8_differ']:9.1%} {cells:>11} {r['ivf_build_s']:7.3f} "
+                       f"{r['ivf_s']:7.3f} {r['ivf_recall']:7.2%} {r['stride4_ivf_s']:8.3f} "
+                       f"{r['stride4_ivf_recall']:7.2%} {r['exact_s'] / r['stride4_ivf_s']:13.1f}x")
     if json_out:
         from cocolvis.io import write_json
 
-        write_json(json_out, {"size": [batch, height, width], "loss_steps": results, "knn": knn_rows})
+        write_json(json_out, {"size": [batch, height, width], "loss_steps": results, "knn": knn_rows,
+                              "search": search_rows})
 
 
 if __name__ == "__main__":

@@ -8,53 +8,138 @@ knows its own loss and prediction:
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ess.knn import knn
-from ess.losses import ess_pixel_loss, separation_loss, softmax_loss
+from ess.knn import BACKENDS, DEFAULT_CHUNK, DEFAULT_KNN, IvfSearch, knn, resolve_backend
+from ess.losses import (SAMPLINGS, STRIDE_BLOCKS, bilinear_taps, block_negatives, ess_pixel_loss, separation_loss,
+                        softmax_loss, upsample_rows, upsampled_softmax_loss)
 
 HEADS = ("softmax", "ess")
+SOFTMAX_IMPLS = ("dense", "chunked")
+# Named set-ups the benchmarks compare: the head and its options (as build_model takes them).
+VARIANTS = {
+    "softmax": ("softmax", {}),
+    "softmax-chunked": ("softmax", {"softmax_impl": "chunked"}),
+    "ess": ("ess", {}),
+    "ess-stride4": ("ess", {"knn_stride": 4}),
+    "ess-ivf": ("ess", {"knn": "ivf"}),
+    "ess-stride4-ivf": ("ess", {"knn_stride": 4, "knn": "ivf"}),
+}
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+@dataclass(frozen=True)
+class UpsampledLogits:
+    """The chunked softmax head's output: decoder-resolution logits standing for their bilinear upsampling.
+
+    low (B, C, h, w) logits; size (H, W) they are upsampled to; crop (H', W') <= size, the
+    top-left part that is the output (the model crops away its input padding with out[..., :H', :W']).
+    """
+    low: torch.Tensor
+    size: tuple[int, int]
+    crop: tuple[int, int]
+
+    def __getitem__(self, key):
+        simple = (isinstance(key, tuple) and len(key) == 3 and key[0] is Ellipsis
+                  and all(isinstance(s, slice) and s.start in (None, 0) and s.step in (None, 1)
+                          and (s.stop is None or s.stop >= 0) for s in key[1:]))
+        if not simple:
+            raise TypeError(f"UpsampledLogits supports only a top-left crop out[..., :H, :W], not {key!r}")
+        h, w = (c if s.stop is None else min(c, s.stop) for c, s in zip(self.crop, key[1:]))
+        return replace(self, crop=(h, w))
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return (*self.low.shape[:2], *self.crop)
+
+    def dense(self) -> torch.Tensor:
+        """The full-resolution logits (B, C, H', W'): what the dense head outputs."""
+        up = F.interpolate(self.low, size=self.size, mode="bilinear", align_corners=False)
+        return up[..., :self.crop[0], :self.crop[1]]
 
 
 class SoftmaxHead(nn.Module):
-    """The baseline: a C-way 1x1 classifier, logits upsampled bilinearly to the label size."""
+    """The baseline: a C-way 1x1 classifier, logits upsampled bilinearly to the label size.
 
-    def __init__(self, in_channels: int, num_classes: int):
+    impl "dense" outputs the full-resolution logits; "chunked" outputs `UpsampledLogits` and
+    computes the same cross-entropy and argmax a block of rows at a time (at most `chunk`
+    logits at once), never holding B x C x H x W logits.
+    """
+
+    def __init__(self, in_channels: int, num_classes: int, impl: str = "dense", chunk: int = DEFAULT_CHUNK):
         super().__init__()
-        self.num_classes = num_classes
+        _check(impl in SOFTMAX_IMPLS, f"softmax impl must be one of {', '.join(SOFTMAX_IMPLS)}, got {impl!r}")
+        _check(isinstance(chunk, int) and chunk >= 1, f"chunk must be a positive integer, got {chunk!r}")
+        self.num_classes, self.impl, self.chunk = num_classes, impl, chunk
         self.classifier = nn.Conv2d(in_channels, num_classes, kernel_size=1)
 
-    def forward(self, features: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    def forward(self, features: torch.Tensor, size: tuple[int, int]) -> torch.Tensor | UpsampledLogits:
+        if self.impl == "chunked":
+            return UpsampledLogits(self.classifier(features), tuple(size), tuple(size))
         # Channels-last memory keeps a pixel's C scores side by side, so the softmax over classes
         # reads them in place instead of transposing the full-resolution logits (3x faster on CPU).
         logits = self.classifier(features).contiguous(memory_format=torch.channels_last)
         return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
 
-    def loss(self, output: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def loss(self, output: torch.Tensor | UpsampledLogits, mask: torch.Tensor) -> torch.Tensor:
+        if isinstance(output, UpsampledLogits):
+            _check(tuple(mask.shape[1:]) == output.crop, f"mask {tuple(mask.shape)} does not match output {output.shape}")
+            return upsampled_softmax_loss(output.low, mask, output.size, self.chunk)
         return softmax_loss(output, mask)
 
     @torch.no_grad()
-    def predict(self, output: torch.Tensor) -> torch.Tensor:
-        return output.argmax(1) + 1
+    def predict(self, output: torch.Tensor | UpsampledLogits) -> torch.Tensor:
+        if not isinstance(output, UpsampledLogits):
+            return output.argmax(1) + 1
+        low = output.low.float().permute(0, 2, 3, 1).contiguous()
+        (b, c, _, _), (height, width) = output.low.shape, output.crop
+        taps_h = bilinear_taps(low.shape[1], output.size[0], low.device)
+        rows = max(1, self.chunk // max(1, b * width * c))
+        pred = torch.empty(b, height, width, dtype=torch.int64, device=low.device)
+        for r in range(0, height, rows):
+            block = slice(r, min(r + rows, height))
+            pred[:, block] = upsample_rows(low, block, taps_h, output.size, width).argmax(3)
+        return pred + 1
 
 
 class EssHead(nn.Module):
     """Embedding head: d-channel pixel embeddings and a learned C x d class-embedding matrix.
 
     The output holds d channels whatever C is; a pixel's class is its nearest class embedding.
+    Loss options (see ess.losses): k negatives, temperature tau, separation margin, kNN backend
+    (auto, torch, faiss, ivf), sampling (nearest, random), reg (the separation regulariser),
+    chunk (elements of one distance block), knn_stride (1, 2, 4, 8: pixels per shared search),
+    and for knn="ivf" nlist / nprobe (cells, cells probed; None: sqrt(C), nlist/5) and
+    ivf_rebuild_every (training steps between re-clusterings of the class embeddings).
     """
 
-    def __init__(self, in_channels: int, num_classes: int, *, embed_dim: int, normalize: bool, k: int, tau: float,
-                 margin: float, knn: str, sampling: str, reg: bool, chunk: int):
-        """The loss settings are `ess.model.ModelArgs` fields (see their help there): k negatives per
-        pixel, logits -tau * distance, the regulariser's margin and switch, the search backend and chunk."""
+    def __init__(self, in_channels: int, num_classes: int, embed_dim: int = 12, normalize: bool = True,
+                 k: int = 7, tau: float = 20.0, margin: float = 0.2, knn: str = DEFAULT_KNN,
+                 sampling: str = "nearest", reg: bool = True, chunk: int = DEFAULT_CHUNK, knn_stride: int = 1,
+                 nlist: int | None = None, nprobe: int | None = None, ivf_rebuild_every: int = 100):
         super().__init__()
+        _check(isinstance(k, int) and k >= 1, f"k must be a positive integer, got {k!r}")
+        _check(tau > 0, f"tau must be positive, got {tau!r}")
+        _check(margin >= 0, f"margin must be non-negative, got {margin!r}")
+        _check(knn in BACKENDS, f"knn must be one of {', '.join(BACKENDS)}, got {knn!r}")
+        _check(sampling in SAMPLINGS, f"sampling must be one of {', '.join(SAMPLINGS)}, got {sampling!r}")
+        _check(isinstance(chunk, int) and chunk >= 1, f"chunk must be a positive integer, got {chunk!r}")
+        _check(knn_stride in STRIDE_BLOCKS,
+               f"knn_stride must be one of {', '.join(map(str, STRIDE_BLOCKS))}, got {knn_stride!r}")
         self.num_classes = num_classes
         self.normalize = normalize
         self.k, self.tau, self.margin = k, tau, margin
-        self.knn, self.sampling, self.reg, self.chunk = knn, sampling, reg, chunk
+        self.knn, self.sampling, self.reg, self.chunk, self.knn_stride = knn, sampling, reg, chunk, knn_stride
+        # The index is search state, not a parameter: rebuilt from the embeddings, never checkpointed.
+        self.ivf = IvfSearch(nlist, nprobe, ivf_rebuild_every, chunk=chunk) if knn == "ivf" else None
         self.projection = nn.Conv2d(in_channels, embed_dim, kernel_size=1)
         self.embeddings = nn.Parameter(torch.empty(num_classes, embed_dim).uniform_(-1.0, 1.0))
 
@@ -72,15 +157,54 @@ class EssHead(nn.Module):
         pixels = output.permute(0, 2, 3, 1)[labelled]  # (P, d), labelled pixels only
         target = mask[labelled].long() - 1
         classes = self.class_embeddings()
+        if self.ivf is not None:
+            self.ivf.update(classes)  # one update per training step; re-clusters every ivf_rebuild_every
+        negatives = None
+        if self.sampling == "nearest" and self.knn_stride > 1 and pixels.shape[0]:
+            negatives = block_negatives(output, labelled, target, classes, self.k, self.knn_stride, self.knn,
+                                        self.chunk, self.ivf)
         loss = ess_pixel_loss(pixels, target, classes, k=self.k, tau=self.tau, sampling=self.sampling,
-                              knn=self.knn, chunk=self.chunk)
+                              knn=self.knn, chunk=self.chunk, ivf=self.ivf, negatives=negatives)
         if self.reg:
-            loss = loss + separation_loss(classes, self.margin, self.knn, self.chunk)
+            loss = loss + separation_loss(classes, self.margin, self.knn, self.chunk, self.ivf)
         return loss
 
     @torch.no_grad()
     def predict(self, output: torch.Tensor) -> torch.Tensor:
+        """The nearest class embedding of every pixel, by exact search whatever the loss's backend."""
         b, d, h, w = output.shape
+        classes = self.class_embeddings()
+        backend = resolve_backend("auto" if self.knn == "ivf" else self.knn, output.device, classes.shape[0])
+        if backend == "torch":
+            return nearest_class_channels_first(output.float(), classes, self.chunk) + 1
         flat = output.permute(0, 2, 3, 1).reshape(-1, d)
-        nearest = knn(flat, self.class_embeddings(), 1, self.knn, self.chunk)[:, 0]
-        return nearest.view(b, h, w) + 1
+        return knn(flat, classes, 1, backend, self.chunk)[:, 0].view(b, h, w) + 1
+
+
+def nearest_class_channels_first(emb: torch.Tensor, classes: torch.Tensor, chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
+    """(B, H, W) index of the nearest row of `classes` (C, d) to each pixel of `emb` (B, d, H, W).
+
+    argmin ||p - c||^2 = argmax 2 c.p - ||c||^2, computed on the channels-first layout in blocks
+    of pixels (no transposed copy of the embeddings, at most `chunk` scores at once).
+    """
+    b, d, h, w = emb.shape
+    flat = emb.reshape(b, d, h * w)
+    neg_sq = -(classes * classes).sum(1)[None, :, None]  # (1, C, 1)
+    weight = classes[None].expand(b, -1, -1)  # (B, C, d)
+    step = max(1, chunk // max(1, b * classes.shape[0]))
+    out = torch.empty(b, h * w, dtype=torch.int64, device=emb.device)
+    for start in range(0, h * w, step):
+        scores = torch.baddbmm(neg_sq, weight, flat[:, :, start:start + step], alpha=2.0)  # (B, C, n)
+        out[:, start:start + step] = scores.argmax(1)
+    return out.view(b, h, w)
+
+
+def build_head(variant: str, in_channels: int, num_classes: int, **options) -> nn.Module:
+    """The head of a named variant (VARIANTS); `options` (e.g. embed_dim, k, knn) add to or override its own."""
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown head variant {variant!r}; expected one of {', '.join(VARIANTS)}")
+    head, own = VARIANTS[variant]
+    options = {**options, **own}
+    if head == "softmax":
+        return SoftmaxHead(in_channels, num_classes, impl=options.get("softmax_impl", "dense"))
+    return EssHead(in_channels, num_classes, **options)

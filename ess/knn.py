@@ -1,11 +1,17 @@
-"""Exact k-nearest-neighbour search of query vectors among class embeddings.
+"""k-nearest-neighbour search of query vectors among class embeddings.
 
-Two backends return the same indices (ties aside):
-    torch  chunked matmul + top-k, on whatever device the tensors live on
-    faiss  IndexFlatL2 (GpuIndexFlatL2 when faiss-gpu sees a GPU and the tensors are on CUDA)
+Backends (all return int64 indices (N, k), nearest first, on the queries' device):
+    torch  exact: chunked matmul + top-k, on whatever device the tensors live on
+    faiss  exact: IndexFlatL2 (GpuIndexFlatL2 when faiss-gpu sees a GPU and the tensors are on CUDA)
+    ivf    approximate: an inverted-file index (`IvfSearch`), faiss IndexIVFFlat (GpuIndexIVFFlat on
+           CUDA with faiss-gpu) or a torch k-means plus per-cell search where faiss is absent;
+           exact search below IVF_MIN_CLASSES classes, where an index cannot win
+    auto   on CUDA faiss-gpu when installed, else torch (no host copies); on the CPU torch
+           below FAISS_MIN_CLASSES classes and faiss from there, the faster of the two as measured
 
-Both search without gradient and bound their memory by the chunk size, never by
-queries x classes: the ESS loss recomputes the distances it needs with gradient.
+The exact backends search without gradient and bound their memory by the chunk size, never
+by queries x classes: the ESS loss recomputes the distances it needs with gradient.
+faiss is optional (`pip install -e '.[cpu]'` or `'.[gpu]'`); without it auto means torch.
 """
 from __future__ import annotations
 
@@ -13,13 +19,59 @@ import functools
 
 import torch
 
-BACKENDS = ("torch", "faiss")
-# The faster backend in the ESS loss step, as measured by `python -m ess.benchmark --heads ess --knn B`
-# on 2 CPU cores, 2 x 256 x 256 labels: faiss 0.52 s vs torch 0.86 s at 1284 classes, 2.9 s vs 7.7 s at 20000.
-DEFAULT_KNN = "faiss"
+BACKENDS = ("auto", "torch", "faiss", "ivf")
+DEFAULT_KNN = "auto"
+# Where `auto` switches from torch to faiss on the CPU. `python -m ess.benchmark --heads ""` on 2 CPU cores,
+# 131072 queries, k=8, faiss / torch time: 3.39 at 19 classes, 0.88 at 150, 0.63 at 500, 0.73 at 1284.
+FAISS_MIN_CLASSES = 128
+# Below this class count the ivf backend searches exactly: the index's coarse search and
+# per-cell bookkeeping cost more than a flat search of so few classes (`python -m ess.benchmark`, kNN table).
+IVF_MIN_CLASSES = 2048
 
 # Elements of one queries x classes distance block (float32): 4M elements = 16 MB.
 DEFAULT_CHUNK = 1 << 22
+
+
+@functools.lru_cache(maxsize=None)
+def faiss_module():
+    try:
+        import faiss
+    except ImportError:
+        return None
+    return faiss
+
+
+def faiss_available() -> bool:
+    return faiss_module() is not None
+
+
+def _require_faiss():
+    faiss = faiss_module()
+    if faiss is None:
+        raise ValueError("kNN backend 'faiss' needs the faiss package: pip install -e '.[cpu]' (or '.[gpu]' "
+                         "for faiss-gpu), or use knn='torch' / 'auto'")
+    return faiss
+
+
+def faiss_uses_gpu(device: torch.device) -> bool:
+    """True when faiss-gpu is installed, sees a GPU, and the data lives on CUDA."""
+    faiss = faiss_module()
+    return (faiss is not None and device.type == "cuda" and hasattr(faiss, "StandardGpuResources")
+            and faiss.get_num_gpus() > 0)
+
+
+def resolve_backend(backend: str, device: torch.device, num_classes: int) -> str:
+    """The concrete exact backend ("torch" or "faiss") that `backend` means for this device and class count.
+
+    "ivf" resolves to the exact backend `auto` would pick; the caller decides when IVF applies.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown kNN backend {backend!r}; expected one of {', '.join(BACKENDS)}")
+    if backend in ("torch", "faiss"):
+        return backend
+    if device.type == "cuda":
+        return "faiss" if faiss_uses_gpu(device) else "torch"
+    return "faiss" if faiss_available() and num_classes >= FAISS_MIN_CLASSES else "torch"
 
 
 @torch.no_grad()
@@ -44,31 +96,26 @@ def knn_torch(queries: torch.Tensor, base: torch.Tensor, k: int, chunk: int = DE
 
 @functools.lru_cache(maxsize=None)
 def _faiss_gpu_resources(device: int):
-    import faiss
-
-    return faiss.StandardGpuResources()
+    return faiss_module().StandardGpuResources()
 
 
-def faiss_uses_gpu(device: torch.device) -> bool:
-    """True when faiss-gpu is installed, sees a GPU, and the data lives on CUDA."""
-    import faiss
+def _gpu_device(device: torch.device) -> int:
+    """The CUDA ordinal of `device`; also lets faiss GPU indexes take CUDA tensors directly."""
+    import faiss.contrib.torch_utils  # noqa: F401
 
-    return device.type == "cuda" and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+    return device.index if device.index is not None else torch.cuda.current_device()
 
 
 @torch.no_grad()
 def knn_faiss(queries: torch.Tensor, base: torch.Tensor, k: int) -> torch.Tensor:
     """Same contract as `knn_torch`, through a FAISS flat L2 index (exact search)."""
-    import faiss
-
+    faiss = _require_faiss()
     k = min(k, base.shape[0])
     device = queries.device
     d = base.shape[1]
     if faiss_uses_gpu(device):
-        import faiss.contrib.torch_utils  # noqa: F401  (lets GPU indexes take CUDA tensors directly)
-
         config = faiss.GpuIndexFlatConfig()
-        config.device = device.index if device.index is not None else torch.cuda.current_device()
+        config.device = _gpu_device(device)
         index = faiss.GpuIndexFlatL2(_faiss_gpu_resources(config.device), d, config)
         index.add(base.detach().float().contiguous())
         _, idx = index.search(queries.detach().float().contiguous(), k)
@@ -79,17 +126,32 @@ def knn_faiss(queries: torch.Tensor, base: torch.Tensor, k: int) -> torch.Tensor
     return torch.from_numpy(idx).to(device=device, dtype=torch.int64)
 
 
-def knn(queries: torch.Tensor, base: torch.Tensor, k: int, backend: str = "torch", chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
-    """Dispatch to a backend by name ("torch" or "faiss")."""
-    if backend == "torch":
+def knn(queries: torch.Tensor, base: torch.Tensor, k: int, backend: str = DEFAULT_KNN, chunk: int = DEFAULT_CHUNK,
+        ivf: IvfSearch | None = None) -> torch.Tensor:
+    """Dispatch to a backend by name; "ivf" searches through `ivf` (its index built on `base`)."""
+    if backend == "ivf":
+        if ivf is None:
+            raise ValueError("kNN backend 'ivf' needs an IvfSearch holding the index")
+        return ivf.search(queries, base, k)
+    name = resolve_backend(backend, queries.device, base.shape[0])
+    if name == "torch":
         return knn_torch(queries, base, k, chunk)
-    if backend == "faiss":
-        return knn_faiss(queries, base, k)
-    raise ValueError(f"unknown kNN backend {backend!r}; expected one of {', '.join(BACKENDS)}")
+    return knn_faiss(queries, base, k)
+
+
+def drop_excluded(candidates: torch.Tensor, exclude: torch.Tensor) -> torch.Tensor:
+    """From (N, k+1) candidates, nearest first, the k that are not `exclude[i]`.
+
+    Drops the excluded row where it is among them and the farthest candidate otherwise.
+    """
+    k = candidates.shape[1] - 1
+    drop = candidates == exclude[:, None]
+    drop[:, -1] |= ~drop.any(1)
+    return candidates[~drop].view(-1, k)
 
 
 def knn_excluding(queries: torch.Tensor, base: torch.Tensor, exclude: torch.Tensor, k: int,
-                  backend: str = "torch", chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
+                  backend: str = DEFAULT_KNN, chunk: int = DEFAULT_CHUNK, ivf: IvfSearch | None = None) -> torch.Tensor:
     """The k nearest rows of `base` to each query, never the row `exclude[i]` (e.g. the query's own class).
 
     Searches k+1 neighbours, then drops the excluded row where it is among them and the
@@ -98,7 +160,197 @@ def knn_excluding(queries: torch.Tensor, base: torch.Tensor, exclude: torch.Tens
     k = min(k, base.shape[0] - 1)
     if k <= 0:
         return torch.empty(queries.shape[0], 0, dtype=torch.int64, device=queries.device)
-    idx = knn(queries, base, k + 1, backend, chunk)
-    drop = idx == exclude[:, None]
-    drop[:, -1] |= ~drop.any(1)
-    return idx[~drop].view(-1, k)
+    return drop_excluded(knn(queries, base, k + 1, backend, chunk, ivf), exclude)
+
+
+def recall_at_k(approximate: torch.Tensor, exact: torch.Tensor) -> float:
+    """Share of the exact k nearest neighbours that the approximate search also returned (rows as sets)."""
+    if exact.numel() == 0:
+        return 1.0
+    hits = (approximate[:, :, None] == exact[:, None, :]).any(1)
+    return float(hits.float().mean())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Inverted-file (IVF) search
+
+
+def default_nlist(num_classes: int) -> int:
+    """Cells of the IVF index when not given: about sqrt(C), at least 1."""
+    return max(1, int(round(num_classes ** 0.5)))
+
+
+def default_nprobe(nlist: int) -> int:
+    """Cells probed per query when not given: a fifth of them. In d=12 a class's nearest others spread over
+    several cells; at 20000 classes, nlist 128 and nprobe 24 gave recall@8 99.3% against exact search."""
+    return max(1, -(-nlist // 5))
+
+
+@torch.no_grad()
+def kmeans_torch(points: torch.Tensor, clusters: int, iters: int = 10, seed: int = 0) -> torch.Tensor:
+    """Lloyd's k-means of (C, d) points into `clusters` centroids, seeded from a fixed-seed sample of the points.
+
+    Uses its own generator, so the global random state (and with it training) is untouched.
+    """
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    pick = torch.randperm(points.shape[0], generator=g)[:clusters].to(points.device)
+    centroids = points[pick].clone()
+    for _ in range(iters):
+        assign = knn_torch(points, centroids, 1)[:, 0]
+        sums = torch.zeros_like(centroids).index_add_(0, assign, points)
+        counts = torch.bincount(assign, minlength=clusters).to(points.dtype)
+        filled = counts > 0  # an empty cell keeps its old centroid
+        centroids[filled] = sums[filled] / counts[filled, None]
+    return centroids
+
+
+def ivf_uses_faiss(device: torch.device, prefer: bool | None = None) -> bool:
+    """Whether IVF goes through faiss: `prefer` when given; else where faiss searches on the data's own
+    device (any faiss on the CPU, faiss-gpu on CUDA), so CUDA embeddings never make a host round trip."""
+    if prefer is not None:
+        return prefer
+    return faiss_available() and (device.type != "cuda" or faiss_uses_gpu(device))
+
+
+class IvfSearch:
+    """Approximate k-nearest-neighbour search among class embeddings through an inverted file.
+
+    The class embeddings are clustered into `nlist` cells (k-means); a query is compared with
+    the classes of its `nprobe` nearest cells only. The clustering is redone every
+    `rebuild_every` calls of `update` (one per training step) as the embeddings move; in
+    between, every `update` files the current embeddings into the kept cells, so the search
+    always ranks the current embeddings, only the partition is stale.
+
+    faiss's IndexIVFFlat (GpuIndexIVFFlat for CUDA tensors with faiss-gpu) when faiss can
+    search where the tensors live (use_faiss=None: faiss-gpu for CUDA tensors, any faiss for
+    CPU ones), else a torch k-means and a per-cell search on the tensors' device. Below `min_classes` classes, or
+    with nprobe >= nlist, `search` is exact. A query whose probed cells hold fewer than k
+    classes is searched exactly, so every row has k valid indices.
+    """
+
+    def __init__(self, nlist: int | None = None, nprobe: int | None = None, rebuild_every: int = 100,
+                 min_classes: int = IVF_MIN_CLASSES, use_faiss: bool | None = None, chunk: int = DEFAULT_CHUNK):
+        if nlist is not None and nlist < 1:
+            raise ValueError(f"nlist must be a positive integer or None (about sqrt(C)), got {nlist}")
+        if nprobe is not None and nprobe < 1:
+            raise ValueError(f"nprobe must be a positive integer or None (nlist / 5), got {nprobe}")
+        if rebuild_every < 1:
+            raise ValueError(f"ivf_rebuild_every must be a positive integer, got {rebuild_every}")
+        self.nlist, self.nprobe, self.rebuild_every = nlist, nprobe, rebuild_every
+        self.min_classes, self.chunk = min_classes, chunk
+        self.prefer_faiss = use_faiss
+        self.use_faiss = False  # decided by update() for the device of the embeddings
+        self.updates = 0
+        self.centroids: torch.Tensor | None = None  # (nlist, d) of the last clustering
+        self._index = None  # faiss index, trained on `centroids`
+        self._cells = None  # torch path: (order, starts) of the classes sorted by cell
+
+    def cells(self, num_classes: int) -> tuple[int, int]:
+        """(nlist, nprobe) used for `num_classes` classes."""
+        nlist = min(self.nlist or default_nlist(num_classes), num_classes)
+        return nlist, min(self.nprobe or default_nprobe(nlist), nlist)
+
+    def exact(self, num_classes: int) -> bool:
+        """Whether a search among `num_classes` classes is exact (no index)."""
+        nlist, nprobe = self.cells(num_classes)
+        return num_classes < self.min_classes or nprobe >= nlist
+
+    def update(self, base: torch.Tensor) -> None:
+        """File the current class embeddings (C, d); re-cluster when due (every `rebuild_every` updates)."""
+        base = base.detach().float()
+        if self.exact(base.shape[0]):
+            self.updates += 1
+            return
+        stale = (self.centroids is None or self.updates % self.rebuild_every == 0
+                 or self.centroids.shape[1] != base.shape[1] or self.centroids.device != base.device)
+        if stale:
+            self.use_faiss = ivf_uses_faiss(base.device, self.prefer_faiss)
+            self.centroids = self._cluster(base, self.cells(base.shape[0])[0])
+        self._file(base)
+        self.updates += 1
+
+    def _cluster(self, base: torch.Tensor, nlist: int) -> torch.Tensor:
+        if not self.use_faiss:
+            return kmeans_torch(base, nlist)
+        faiss = _require_faiss()
+        kmeans = faiss.Kmeans(base.shape[1], nlist, niter=10, seed=1234, verbose=False)
+        kmeans.cp.min_points_per_centroid = 1  # few classes per cell is the point here, not an error
+        kmeans.train(base.cpu().contiguous().numpy())
+        return torch.from_numpy(kmeans.centroids).to(base.device)
+
+    def _file(self, base: torch.Tensor) -> None:
+        if self.use_faiss:
+            self._index = self._faiss_index(base)
+            return
+        assign = knn_torch(base, self.centroids, 1, self.chunk)[:, 0]
+        order = torch.argsort(assign, stable=True)
+        counts = torch.bincount(assign, minlength=self.centroids.shape[0])
+        starts = torch.cumsum(counts, 0) - counts
+        self._cells = (order, starts.tolist(), counts.tolist())
+
+    def _faiss_index(self, base: torch.Tensor):
+        faiss = _require_faiss()
+        d, nlist = base.shape[1], self.centroids.shape[0]
+        quantizer = faiss.IndexFlatL2(d)
+        quantizer.add(self.centroids.cpu().contiguous().numpy())
+        # A quantizer holding exactly nlist centroids makes the index trained; faiss keeps a reference to it.
+        index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_L2)
+        if faiss_uses_gpu(base.device):  # the empty trained index moves to the GPU; CUDA tensors go in directly
+            ordinal = _gpu_device(base.device)
+            index = faiss.index_cpu_to_gpu(_faiss_gpu_resources(ordinal), ordinal, index)
+            index.add(base.contiguous())
+        else:
+            index.add(base.cpu().contiguous().numpy())
+        index.nprobe = self.cells(base.shape[0])[1]
+        return index
+
+    @torch.no_grad()
+    def search(self, queries: torch.Tensor, base: torch.Tensor, k: int) -> torch.Tensor:
+        """(N, k) indices of the (approximately) k nearest classes, nearest first; `base` as last given to update."""
+        k = min(k, base.shape[0])
+        if self.exact(base.shape[0]):
+            return knn(queries, base, k, "auto", self.chunk)
+        if self.centroids is None:
+            raise RuntimeError("IvfSearch.search before update: call update(class_embeddings) first")
+        queries = queries.detach().float()
+        idx = self._search_faiss(queries, k) if self.use_faiss else self._search_torch(queries, base.detach().float(), k)
+        short = (idx < 0).any(1)  # probed cells held fewer than k classes
+        if short.any():
+            idx[short] = knn(queries[short], base, k, "auto", self.chunk)
+        return idx
+
+    def _search_faiss(self, queries: torch.Tensor, k: int) -> torch.Tensor:
+        if faiss_uses_gpu(queries.device):
+            _, idx = self._index.search(queries.contiguous(), k)
+            return idx.to(dtype=torch.int64)
+        _, idx = self._index.search(queries.cpu().contiguous().numpy(), k)
+        return torch.from_numpy(idx).to(device=queries.device, dtype=torch.int64)
+
+    def _search_torch(self, queries: torch.Tensor, base: torch.Tensor, k: int) -> torch.Tensor:
+        """Per cell: the queries probing it against its classes; then the best k of the probed cells' bests."""
+        order, starts, counts = self._cells
+        n, nlist = queries.shape[0], len(starts)
+        nprobe = self.cells(base.shape[0])[1]
+        probes = knn_torch(queries, self.centroids, nprobe, self.chunk).flatten()  # (N * nprobe) cells
+        # The (query, slot) pairs sorted by cell, so each cell's queries are one slice.
+        pairs = torch.argsort(probes, stable=True)
+        pair_counts = torch.bincount(probes, minlength=nlist).tolist()
+        best_d = torch.full((n * nprobe, k), float("inf"), device=queries.device)
+        best_i = torch.full((n * nprobe, k), -1, dtype=torch.int64, device=queries.device)
+        pair_start = 0
+        for start, count, npairs in zip(starts, counts, pair_counts):
+            mine, pair_start = pairs[pair_start:pair_start + npairs], pair_start + npairs
+            if count == 0 or npairs == 0:
+                continue
+            rows = mine // nprobe
+            members = order[start:start + count]
+            vecs = base.index_select(0, members)
+            dist = torch.addmm((vecs * vecs).sum(1), queries.index_select(0, rows), vecs.t(), alpha=-2.0)
+            top = min(k, count)
+            d, j = dist.topk(top, dim=1, largest=False, sorted=True)
+            best_d[mine, :top] = d
+            best_i[mine, :top] = members[j]
+        d, j = best_d.view(n, -1).topk(k, dim=1, largest=False, sorted=True)
+        idx = best_i.view(n, -1).gather(1, j)
+        idx[torch.isinf(d)] = -1
+        return idx

@@ -3,15 +3,22 @@
 ESS (embedding-based scalable segmentation) never forms a pixels x C or C x C matrix:
 for each labelled pixel it gathers the target class embedding and k negatives found
 by a chunked nearest-neighbour search, so its memory is flat in the number of classes.
+
+With a knn stride s > 1 the search runs once per block of s pixels (1x2, 2x2 or 2x4, rows x
+columns), for the block's mean embedding, and the block's pixels share its k+1 nearest
+classes; each pixel drops its own target from them (or the farthest when its target is not
+among them), so every pixel's loss stays a cross-entropy over its target and k other classes.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from ess.knn import DEFAULT_CHUNK, knn_excluding
+from ess.knn import DEFAULT_CHUNK, DEFAULT_KNN, IvfSearch, drop_excluded, knn, knn_excluding
 
 SAMPLINGS = ("nearest", "random")
+# knn stride -> block (rows, columns) of pixels that share one search
+STRIDE_BLOCKS = {1: (1, 1), 2: (1, 2), 4: (2, 2), 8: (2, 4)}
 
 
 def softmax_loss(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -30,12 +37,13 @@ def euclidean(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def sample_negatives(pixels: torch.Tensor, class_emb: torch.Tensor, target: torch.Tensor, k: int,
-                     sampling: str, knn: str, chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
+                     sampling: str = "nearest", knn: str = DEFAULT_KNN, chunk: int = DEFAULT_CHUNK,
+                     ivf: IvfSearch | None = None) -> torch.Tensor:
     """(P, k) class indices != target: the k nearest to each pixel, or k drawn uniformly."""
     num_classes = class_emb.shape[0]
     k = min(k, num_classes - 1)
     if sampling == "nearest":
-        return knn_excluding(pixels, class_emb, target, k, knn, chunk)
+        return knn_excluding(pixels, class_emb, target, k, knn, chunk, ivf)
     if sampling == "random":
         # Uniform over the C-1 other classes: draw from 0..C-2 and step over the target.
         draw = torch.randint(0, max(num_classes - 1, 1), (pixels.shape[0], k), device=pixels.device)
@@ -43,33 +51,212 @@ def sample_negatives(pixels: torch.Tensor, class_emb: torch.Tensor, target: torc
     raise ValueError(f"unknown sampling {sampling!r}; expected one of {', '.join(SAMPLINGS)}")
 
 
-def ess_pixel_loss(pixels: torch.Tensor, target: torch.Tensor, class_emb: torch.Tensor, *, k: int,
-                   tau: float, sampling: str, knn: str, chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
+def block_negatives(embeddings: torch.Tensor, labelled: torch.Tensor, target: torch.Tensor, class_emb: torch.Tensor,
+                    k: int, stride: int, knn_backend: str = DEFAULT_KNN, chunk: int = DEFAULT_CHUNK,
+                    ivf: IvfSearch | None = None) -> torch.Tensor:
+    """(P, k) nearest negatives of the labelled pixels, one search per block of `stride` pixels.
+
+    embeddings (B, d, H, W); labelled (B, H, W) bool; target (P,) class indices of the labelled
+    pixels in row-major order. Each block's mean embedding is searched for its k+1 nearest
+    classes (only blocks holding a labelled pixel); each pixel keeps the k that are not its target.
+    """
+    bh, bw = STRIDE_BLOCKS[stride]
+    k = min(k, class_emb.shape[0] - 1)
+    if k <= 0:
+        return torch.empty(target.shape[0], 0, dtype=torch.int64, device=target.device)
+    # A partial block at the bottom or right edge averages the pixels it has.
+    means = F.avg_pool2d(embeddings.detach().float(), (bh, bw), ceil_mode=True)  # (B, d, H', W')
+    grid_h, grid_w = means.shape[-2:]
+    b, y, x = labelled.nonzero(as_tuple=True)
+    block = (b * grid_h + torch.div(y, bh, rounding_mode="floor")) * grid_w + torch.div(x, bw, rounding_mode="floor")
+    used, of_pixel = torch.unique(block, return_inverse=True)
+    queries = means.permute(0, 2, 3, 1).reshape(-1, means.shape[1]).index_select(0, used)
+    shared = knn(queries, class_emb, k + 1, knn_backend, chunk, ivf)  # (blocks, k+1)
+    return drop_excluded(shared.index_select(0, of_pixel), target)
+
+
+def ess_pixel_loss(pixels: torch.Tensor, target: torch.Tensor, class_emb: torch.Tensor, *, k: int = 7,
+                   tau: float = 20.0, sampling: str = "nearest", knn: str = DEFAULT_KNN,
+                   chunk: int = DEFAULT_CHUNK, ivf: IvfSearch | None = None,
+                   negatives: torch.Tensor | None = None) -> torch.Tensor:
     """Cross-entropy over [target, k negatives] with logits -tau * distance.
 
     pixels (P, d) embeddings of labelled pixels, target (P,) class indices 0..C-1,
-    class_emb (C, d). The search runs without gradient; the (k+1) distances per pixel
-    are recomputed with gradient, in float32, so both pixels and classes learn.
+    class_emb (C, d). The search runs without gradient (or `negatives` (P, k) are given,
+    e.g. by `block_negatives`); the (k+1) distances per pixel are recomputed with gradient,
+    in float32, so both pixels and classes learn.
     """
     if pixels.shape[0] == 0:
         return pixels.sum() * 0 + class_emb.sum() * 0
     pixels = pixels.float()
     class_emb = class_emb.float()
-    negatives = sample_negatives(pixels, class_emb, target, k, sampling, knn, chunk)
+    if negatives is None:
+        negatives = sample_negatives(pixels, class_emb, target, k, sampling, knn, chunk, ivf)
     candidates = torch.cat([target[:, None], negatives], dim=1)  # (P, k+1), target first
-    # index_select, not class_emb[candidates]: its backward (index_add_) is deterministic on CPU,
-    # which exact resuming relies on; advanced indexing's accumulating backward is not.
+    return _NearestNegativesCrossEntropy.apply(pixels, class_emb, candidates, float(tau))
+
+
+class _NearestNegativesCrossEntropy(torch.autograd.Function):
+    """mean over pixels of CE([-tau * ||p - c_j||, j = candidates], target first), with a hand-written backward.
+
+    The same function as gathering the candidates with index_select and composing `euclidean`
+    and F.cross_entropy under autograd (`ess_pixel_loss_reference`), in a handful of kernels
+    instead of some thirty: at small C the loss, not the search, dominated ESS's step.
+    The class gradient is accumulated with index_add_, deterministic on the CPU.
+    """
+
+    @staticmethod
+    def forward(ctx, pixels, class_emb, candidates, tau):
+        gathered = class_emb.index_select(0, candidates.flatten()).view(*candidates.shape, -1)
+        diff = pixels[:, None, :] - gathered  # (P, k+1, d)
+        sq = (diff * diff).sum(-1)
+        dist = sq.clamp_min(1e-12).sqrt()
+        logits = dist * -tau
+        lse = torch.logsumexp(logits, dim=1)
+        ctx.save_for_backward(diff, dist, sq > 1e-12, logits, lse, candidates)
+        ctx.tau, ctx.num_classes = tau, class_emb.shape[0]
+        return (lse - logits[:, 0]).mean()
+
+    @staticmethod
+    def backward(ctx, grad):
+        diff, dist, live, logits, lse, candidates = ctx.saved_tensors
+        g = torch.exp(logits - lse[:, None])  # d CE / d logits = softmax - one-hot(target first)
+        g[:, 0] -= 1
+        # d logits / d dist = -tau; d dist / d diff = diff / dist (0 where the distance was clamped)
+        coef = g * (grad * -ctx.tau / diff.shape[0]) / dist * live
+        g_diff = diff * coef[..., None]
+        g_pixels = g_diff.sum(1)
+        g_classes = torch.zeros(ctx.num_classes, diff.shape[2], dtype=diff.dtype, device=diff.device)
+        g_classes.index_add_(0, candidates.flatten(), g_diff.view(-1, diff.shape[2]), alpha=-1)
+        return g_pixels, g_classes, None, None
+
+
+def ess_pixel_loss_reference(pixels: torch.Tensor, class_emb: torch.Tensor, candidates: torch.Tensor,
+                             tau: float) -> torch.Tensor:
+    """The ESS cross-entropy through autograd: what `_NearestNegativesCrossEntropy` computes."""
     gathered = class_emb.index_select(0, candidates.flatten()).view(*candidates.shape, -1)
     logits = -tau * euclidean(pixels[:, None, :], gathered)
-    return F.cross_entropy(logits, torch.zeros_like(target))
+    return F.cross_entropy(logits, torch.zeros_like(candidates[:, 0]))
 
 
-def separation_loss(class_emb: torch.Tensor, margin: float, knn: str, chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
+def separation_loss(class_emb: torch.Tensor, margin: float = 0.2, knn: str = DEFAULT_KNN,
+                    chunk: int = DEFAULT_CHUNK, ivf: IvfSearch | None = None) -> torch.Tensor:
     """Mean over classes of max(0, margin - distance to the nearest other class)."""
     num_classes = class_emb.shape[0]
     if num_classes < 2:
         return class_emb.sum() * 0
     class_emb = class_emb.float()
     own = torch.arange(num_classes, device=class_emb.device)
-    nearest = knn_excluding(class_emb, class_emb, own, 1, knn, chunk)[:, 0]
+    nearest = knn_excluding(class_emb, class_emb, own, 1, knn, chunk, ivf)[:, 0]
     return F.relu(margin - euclidean(class_emb, class_emb.index_select(0, nearest))).mean()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Softmax cross-entropy of bilinearly upsampled logits, without the full-resolution logits
+
+
+def bilinear_taps(in_size: int, out_size: int, device=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """F.interpolate's bilinear weights (align_corners=False) along one axis, for an output of `out_size`.
+
+    Output position i is l0[i] * input[i0[i]] + l1[i] * input[i1[i]]; computed in float32 as torch does.
+    """
+    scale = torch.tensor(in_size / out_size, dtype=torch.float32)
+    src = ((torch.arange(out_size, dtype=torch.float32) + 0.5) * scale - 0.5).clamp_min(0)
+    i0 = src.floor().long().clamp_max(in_size - 1)
+    i1 = (i0 + 1).clamp_max(in_size - 1)
+    l1 = src - i0.float()
+    return i0.to(device), i1.to(device), (1 - l1).to(device), l1.to(device)
+
+
+def _height_weights(taps_h, rows: slice) -> tuple[slice, torch.Tensor]:
+    """The input rows that output rows `rows` read, and the (R, n) matrix of their bilinear weights."""
+    i0, i1, l0, l1 = (t[rows] for t in taps_h)
+    lo, hi = int(i0.min()), int(i1.max()) + 1
+    weights = torch.zeros(i0.shape[0], hi - lo, dtype=l0.dtype, device=l0.device)
+    r = torch.arange(i0.shape[0], device=l0.device)
+    weights.index_put_((r, i0 - lo), l0, accumulate=True).index_put_((r, i1 - lo), l1, accumulate=True)
+    return slice(lo, hi), weights
+
+
+def _upsample_height(low: torch.Tensor, rows: slice, taps_h) -> torch.Tensor:
+    """Rows `rows` of the height-only upsampling of channels-last `low` (B, h, w, C): (B, R, w, C)."""
+    src, weights = _height_weights(taps_h, rows)
+    b, _, w, c = low.shape
+    return torch.matmul(weights, low[:, src].reshape(b, -1, w * c)).view(b, -1, w, c)
+
+
+def _upsample_width(part: torch.Tensor, out_width: int, width: int) -> torch.Tensor:
+    """(B, R, w, C) -> (B, R, width, C): the first `width` of `out_width` bilinearly upsampled columns.
+
+    F.interpolate on the channels-last layout; R rows to R rows is the identity (weights 1 and 0), so
+    this is exactly the width pass of the full-size bilinear upsampling.
+    """
+    up = F.interpolate(part.permute(0, 3, 1, 2), size=(part.shape[1], out_width), mode="bilinear",
+                       align_corners=False)
+    return up.permute(0, 2, 3, 1)[:, :, :width]
+
+
+def upsample_rows(low: torch.Tensor, rows: slice, taps_h, size: tuple[int, int], width: int) -> torch.Tensor:
+    """Rows `rows` (and the first `width` columns) of the bilinear upsampling to `size` of channels-last
+    `low` (B, h, w, C), as (B, R, width, C)."""
+    return _upsample_width(_upsample_height(low, rows, taps_h), size[1], width)
+
+
+class _UpsampledCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of upsampled logits, rows at a time; backward recomputes each block."""
+
+    @staticmethod
+    def forward(ctx, low, target, size, rows_per_block):
+        low_cl = low.float().permute(0, 2, 3, 1).contiguous()  # (B, h, w, C): one pixel's scores side by side
+        taps_h = bilinear_taps(low.shape[2], size[0], low.device)
+        height, width = target.shape[1:]
+        total = low_cl.new_zeros(())
+        for r in range(0, height, rows_per_block):
+            rows = slice(r, min(r + rows_per_block, height))
+            logits = upsample_rows(low_cl, rows, taps_h, size, width)
+            t = target[:, rows]
+            valid = t >= 0
+            picked = logits.gather(3, t.clamp_min(0)[..., None])[..., 0]
+            total += ((torch.logsumexp(logits, dim=3) - picked) * valid).sum()
+        ctx.save_for_backward(low_cl, target)
+        ctx.size, ctx.rows_per_block, ctx.dtype = size, rows_per_block, low.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        low_cl, target = ctx.saved_tensors
+        taps_h = bilinear_taps(low_cl.shape[1], ctx.size[0], low_cl.device)
+        height, width = target.shape[1:]
+        grad_low = torch.zeros_like(low_cl)
+        for r in range(0, height, ctx.rows_per_block):
+            rows = slice(r, min(r + ctx.rows_per_block, height))
+            with torch.enable_grad():  # the width pass's own backward; the height pass's is its matrix transposed
+                part = _upsample_height(low_cl, rows, taps_h).requires_grad_()
+                logits = _upsample_width(part, ctx.size[1], width)
+            t = target[:, rows]
+            g = torch.softmax(logits.detach(), dim=3)  # d CE / d logits = softmax - one-hot, on labelled pixels
+            g.scatter_add_(3, t.clamp_min(0)[..., None], torch.full_like(g[..., :1], -1.0))
+            g *= (t >= 0)[..., None] * grad_total
+            (g_part,) = torch.autograd.grad(logits, part, g)
+            src, weights = _height_weights(taps_h, rows)
+            b, _, w, c = grad_low.shape
+            grad_low[:, src] += torch.matmul(weights.t(), g_part.reshape(b, -1, w * c)).view(b, -1, w, c)
+        return grad_low.permute(0, 3, 1, 2).to(ctx.dtype), None, None, None
+
+
+def upsampled_softmax_loss(low_logits: torch.Tensor, mask: torch.Tensor, size: tuple[int, int],
+                           chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
+    """`softmax_loss` of F.interpolate(low_logits, size, bilinear)[..., :H, :W] for a (B, H, W) mask, exactly,
+    without forming the full-resolution logits.
+
+    Bilinear upsampling commutes with the 1x1 classifier, so the head's low-resolution logits
+    (B, C, h, w) are upsampled a block of rows at a time (`chunk` elements at most), the
+    cross-entropy summed, and the block recomputed in backward: memory O(B C h w + chunk).
+    """
+    height, width = mask.shape[1:]
+    if height > size[0] or width > size[1]:
+        raise ValueError(f"mask {height}x{width} is larger than the upsampled size {size[0]}x{size[1]}")
+    target = mask.long() - 1  # class id c -> channel c-1; unlabeled -> -1
+    rows = max(1, chunk // max(1, low_logits.shape[0] * width * low_logits.shape[1]))
+    total = _UpsampledCrossEntropy.apply(low_logits, target, tuple(size), rows)
+    return total / (target >= 0).sum().clamp_min(1)

@@ -14,9 +14,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ess import options
-from ess.heads import HEADS, EssHead, SoftmaxHead
+from ess.heads import HEADS, SOFTMAX_IMPLS, EssHead, SoftmaxHead
 from ess.knn import BACKENDS, DEFAULT_CHUNK, DEFAULT_KNN
-from ess.losses import SAMPLINGS
+from ess.losses import SAMPLINGS, STRIDE_BLOCKS
 from ess.options import option
 
 ENCODERS = ("resnet18", "resnet50", "resnet101", "mobilenet_v2")
@@ -47,11 +47,21 @@ class ModelArgs:
     knn: str = option(DEFAULT_KNN, "Nearest-neighbour search backend.", choices=BACKENDS)
     knn_chunk: int = option(DEFAULT_CHUNK, "Elements of one pixels x classes distance block in the torch search.",
                             low=1)
+    knn_stride: int = option(1, "Search once per block of this many pixels (1, 2: 1x2, 4: 2x2, 8: 2x4) and share "
+                                "the block's negatives.", choices=tuple(STRIDE_BLOCKS))
+    nlist: int | None = option(None, "IVF cells for --knn ivf [default: sqrt(C)].", low=1)
+    nprobe: int | None = option(None, "IVF cells searched per query [default: nlist / 5].", low=1)
+    ivf_rebuild_every: int = option(100, "Training steps between re-clusterings of the IVF index.", low=1)
+    softmax_impl: str = option("dense", "Softmax loss and prediction: dense full-resolution logits, or chunked "
+                                        "(the same values, never holding B x C x H x W logits).",
+                               choices=SOFTMAX_IMPLS)
 
     def head_options(self) -> dict:
         """The keyword arguments of the ESS head (the softmax head has none)."""
         return dict(embed_dim=self.embed_dim, normalize=self.normalize, k=self.k, tau=self.tau, margin=self.margin,
-                    knn=self.knn, sampling=self.sampling, reg=self.reg, chunk=self.knn_chunk)
+                    knn=self.knn, sampling=self.sampling, reg=self.reg, chunk=self.knn_chunk,
+                    knn_stride=self.knn_stride, nlist=self.nlist, nprobe=self.nprobe,
+                    ivf_rebuild_every=self.ivf_rebuild_every)
 
 
 class PretrainedWeightsError(RuntimeError):
@@ -94,7 +104,7 @@ class Segmenter(nn.Module):
             batchnorm_to_groupnorm(net.decoder)
         channels = net.segmentation_head[0].in_channels
         if args.head == "softmax":
-            head = SoftmaxHead(channels, args.num_classes)
+            head = SoftmaxHead(channels, args.num_classes, impl=args.softmax_impl, chunk=args.knn_chunk)
         else:
             head = EssHead(channels, args.num_classes, **args.head_options())
         return cls(net.encoder, net.decoder, head, args)

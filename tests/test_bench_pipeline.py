@@ -31,7 +31,8 @@ def bench_dir(tiny_runs, built_train, built_val, tmp_path_factory) -> Path:
     invoke("topn-miou", "--eval", tiny_runs["softmax"] / "eval", "--eval", tiny_runs["ess"] / "eval",
            "--out", out / "topn")
     invoke("timing", "--classes", ",".join(map(str, TIMING_CLASSES)), "--size", "64x64", "--repeats", "1",
-           "--warmup", "1", "--threads", "1", "--device", "cpu", "--out", out / "timing")
+           "--warmup", "1", "--threads", "1", "--device", "cpu", "--heads", "softmax,softmax-chunked,ess",
+           "--out", out / "timing")
     invoke("embeddings", "--run", tiny_runs["ess"], "--data", built_val, "--clusters", "70", "--device", "cpu",
            "--out", out / "embeddings")
     return out
@@ -81,7 +82,7 @@ def test_topn_on_runs(bench_dir, tiny_runs, built_train):
 
 def test_timing_table(bench_dir):
     table = pd.read_csv(bench_dir / "timing" / "timing.csv")
-    assert sorted(zip(table["classes"], table["head"])) == sorted((c, h) for c in TIMING_CLASSES for h in ("softmax", "ess"))
+    assert sorted(zip(table["classes"], table["head"])) == sorted((c, h) for c in TIMING_CLASSES for h in ("softmax", "softmax-chunked", "ess"))
     numbers = ["inference_s_per_image", "training_s_per_iter", "inference_peak_mib", "training_peak_mib"]
     assert (table[numbers] > 0).all().all()
     assert table["error"].isna().all()

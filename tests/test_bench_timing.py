@@ -60,7 +60,7 @@ def test_ratios():
 def test_cli_rejects_bad_options(tmp_path):
     runner = CliRunner()
     for args, message in [(["--classes", "19,x"], "comma-separated integers"), (["--size", "64"], "HxW"),
-                          (["--batch", "1"], "1 is not in the range"), (["--heads", "softmax,crf"], "softmax and/or ess")]:
+                          (["--batch", "1"], "1 is not in the range"), (["--heads", "softmax,crf"], "heads must be any of softmax, softmax-chunked")]:
         result = runner.invoke(main, ["timing", *args, "--out", str(tmp_path / "o")])
         assert result.exit_code == 2 and message in result.output, result.output
     if not torch.cuda.is_available():

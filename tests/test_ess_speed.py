@@ -1,0 +1,237 @@
+"""The speed paths against their exact references: chunked softmax, shared (strided) negatives,
+IVF search, the auto backend and the channels-first prediction."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ess.heads import EssHead, SoftmaxHead, UpsampledLogits, nearest_class_channels_first
+from ess.knn import IvfSearch, faiss_available, knn_excluding, knn_torch, recall_at_k, resolve_backend
+from ess.losses import STRIDE_BLOCKS, block_negatives, ess_pixel_loss, softmax_loss, upsampled_softmax_loss
+from ess.model import build_model
+
+needs_faiss = pytest.mark.skipif(not faiss_available(), reason="faiss not installed")
+
+
+@pytest.mark.parametrize("low_size,size,crop", [((4, 4), (16, 16), (16, 16)), ((5, 7), (18, 25), (17, 23)),
+                                                ((3, 6), (12, 24), (10, 24))])
+@pytest.mark.parametrize("chunk", [1, 500, 1 << 22])
+def test_chunked_softmax_equals_dense(low_size, size, crop, chunk):
+    g = torch.Generator().manual_seed(sum(size) + chunk)
+    low = (3 * torch.randn(2, 11, *low_size, generator=g)).requires_grad_()
+    mask = torch.randint(0, 12, (2, *crop), generator=g)  # 0 = unlabeled
+    dense = F.interpolate(low, size=size, mode="bilinear", align_corners=False)[..., :crop[0], :crop[1]]
+    expected = softmax_loss(dense, mask)
+    (grad_expected,) = torch.autograd.grad(expected, low)
+    got = upsampled_softmax_loss(low, mask, size, chunk)
+    (grad_got,) = torch.autograd.grad(got, low)
+    assert got.item() == pytest.approx(expected.item(), rel=1e-5, abs=1e-6)
+    torch.testing.assert_close(grad_got, grad_expected, rtol=1e-4, atol=1e-6)
+    head = SoftmaxHead(1, 11, impl="chunked", chunk=chunk)
+    lazy = UpsampledLogits(low.detach(), size, size)[..., :crop[0], :crop[1]]
+    assert lazy.shape == (2, 11, *crop)
+    assert torch.equal(head.predict(lazy), dense.argmax(1) + 1)
+
+
+def test_chunked_softmax_model_matches_dense_model():
+    torch.manual_seed(0)
+    dense = build_model("softmax", 9, encoder="resnet18", norm="gn")
+    chunked = build_model("softmax", 9, encoder="resnet18", norm="gn", softmax_impl="chunked", k=3)
+    chunked.load_state_dict(dense.state_dict())
+    x, mask = torch.randn(2, 3, 40, 56), torch.randint(0, 10, (2, 40, 56))  # padded to 48x64 and cropped back
+    torch.manual_seed(1)  # the same dropout masks in both
+    out_d = dense(x)
+    torch.manual_seed(1)
+    out_c = chunked(x)
+    assert isinstance(out_c, UpsampledLogits) and out_c.shape == out_d.shape
+    loss_d, loss_c = dense.loss(out_d, mask), chunked.loss(out_c, mask)
+    assert loss_c.item() == pytest.approx(loss_d.item(), rel=1e-5)
+    loss_d.backward()
+    loss_c.backward()
+    torch.testing.assert_close(chunked.head.classifier.weight.grad, dense.head.classifier.weight.grad,
+                               rtol=1e-4, atol=1e-6)
+    assert torch.equal(chunked.predict(out_c), dense.predict(out_d))
+
+
+def test_upsampled_logits_rejects_other_indexing():
+    lazy = UpsampledLogits(torch.zeros(1, 2, 3, 3), (12, 12), (12, 12))
+    with pytest.raises(TypeError, match="top-left crop"):
+        lazy[0]
+    with pytest.raises(ValueError, match="larger than"):
+        upsampled_softmax_loss(torch.zeros(1, 2, 3, 3), torch.zeros(1, 13, 12, dtype=torch.long), (12, 12))
+
+
+def reference_block_negatives(emb, labelled, target, classes, k, stride):
+    """Brute force in float64: each block's mean, its k+1 nearest classes, the pixel's target dropped."""
+    bh, bw = STRIDE_BLOCKS[stride]
+    out = []
+    b_idx, ys, xs = labelled.nonzero(as_tuple=True)
+    for b, y, x, t in zip(b_idx.tolist(), ys.tolist(), xs.tolist(), target.tolist()):
+        y0, x0 = y // bh * bh, x // bw * bw
+        mean = emb[b, :, y0:y0 + bh, x0:x0 + bw].double().mean((1, 2))
+        order = torch.cdist(mean[None], classes.double())[0].argsort(stable=True)[:k + 1].tolist()
+        out.append([c for c in order if c != t][:k])
+    return torch.tensor(out)
+
+
+@pytest.mark.parametrize("stride", [1, 2, 4, 8])
+def test_block_negatives_equal_brute_force_and_exclude_the_target(stride):
+    g = torch.Generator().manual_seed(stride)
+    classes = F.normalize(torch.randn(30, 6, generator=g), dim=1)
+    emb = F.normalize(F.interpolate(torch.randn(2, 6, 3, 4, generator=g), size=(9, 13), mode="bilinear"), dim=1)
+    mask = torch.randint(0, 31, (2, 9, 13), generator=g)  # odd sizes: partial blocks at the edges
+    labelled = mask > 0
+    target = mask[labelled] - 1
+    # Put some targets on their block's nearest class, so the shared list holds them and they must be dropped.
+    nearest = knn_torch(emb.permute(0, 2, 3, 1)[labelled], classes, 1)[:, 0]
+    target[::3] = nearest[::3]
+    got = block_negatives(emb, labelled, target, classes, 7, stride, "torch")
+    assert got.shape == (target.shape[0], 7)
+    assert not (got == target[:, None]).any()
+    assert torch.equal(got, reference_block_negatives(emb, labelled, target, classes, 7, stride))
+    if stride == 1:  # one search per pixel is the per-pixel search
+        assert torch.equal(got, knn_excluding(emb.permute(0, 2, 3, 1)[labelled], classes, target, 7, "torch"))
+
+
+def test_strided_head_loss_is_the_loss_over_shared_negatives():
+    torch.manual_seed(0)
+    head = EssHead(8, 40, embed_dim=6, knn="torch", knn_stride=4, reg=False)
+    out = head(torch.randn(2, 8, 4, 4), (16, 16))
+    mask = torch.randint(0, 41, (2, 16, 16))
+    labelled = mask > 0
+    target = mask[labelled] - 1
+    classes = head.class_embeddings()
+    negatives = reference_block_negatives(out.detach(), labelled, target, classes.detach(), 7, 4)
+    pixels = out.permute(0, 2, 3, 1)[labelled]
+    expected = ess_pixel_loss(pixels, target, classes, k=7, tau=head.tau, negatives=negatives)
+    assert head.loss(out, mask).item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def reference_ivf(queries, base, centroids, nprobe, k):
+    """Brute force restricted to the classes filed in each query's nprobe nearest cells."""
+    cell_of = torch.cdist(base.double(), centroids.double()).argmin(1)
+    probes = torch.cdist(queries.double(), centroids.double()).argsort(dim=1, stable=True)[:, :nprobe]
+    d = torch.cdist(queries.double(), base.double())
+    allowed = (cell_of[None, None, :] == probes[:, :, None]).any(1)
+    d[~allowed] = float("inf")
+    return d.argsort(dim=1, stable=True)[:, :k], allowed.sum(1)
+
+
+@pytest.mark.parametrize("use_faiss", [False, pytest.param(True, marks=needs_faiss)])
+def test_ivf_search_is_exact_within_the_probed_cells(use_faiss):
+    g = torch.Generator().manual_seed(5)
+    base = F.normalize(torch.randn(400, 8, generator=g), dim=1)
+    queries = F.normalize(torch.randn(300, 8, generator=g), dim=1)
+    ivf = IvfSearch(nlist=16, nprobe=3, min_classes=0, use_faiss=use_faiss)
+    ivf.update(base)
+    got = ivf.search(queries, base, 6)
+    expected, reachable = reference_ivf(queries, base, ivf.centroids, 3, 6)
+    full = reachable >= 6  # rows whose probed cells hold k classes; the others fall back to exact search
+    assert full.float().mean() > 0.9
+    same = (got[full] == expected[full]).all(1).float().mean()
+    assert same > 0.99  # float32 vs float64 ties aside
+    exact = knn_torch(queries, base, 6)
+    assert torch.equal(got[~full], exact[~full])
+    assert (got >= 0).all() and recall_at_k(got, exact) > 0.8
+
+
+def test_ivf_rebuilds_every_n_updates_and_refiles_moved_embeddings():
+    g = torch.Generator().manual_seed(6)
+    base = torch.randn(300, 4, generator=g)
+    ivf = IvfSearch(nlist=10, nprobe=2, rebuild_every=3, min_classes=0, use_faiss=False)
+    ivf.update(base)
+    first = ivf.centroids
+    moved = base + 0.5
+    ivf.update(moved)
+    ivf.update(moved)
+    assert ivf.centroids is first  # not yet due
+    # The kept cells hold the current embeddings: a query on a moved class finds it.
+    assert torch.equal(ivf.search(moved[:50], moved, 1)[:, 0], torch.arange(50))
+    ivf.update(moved)
+    assert ivf.centroids is not first
+
+
+def test_ivf_falls_back_to_exact_where_it_cannot_win():
+    g = torch.Generator().manual_seed(7)
+    base, queries = torch.randn(50, 4, generator=g), torch.randn(20, 4, generator=g)
+    ivf = IvfSearch(nlist=8, nprobe=2)  # 50 classes < IVF_MIN_CLASSES
+    assert ivf.exact(50)
+    ivf.update(base)
+    assert ivf.centroids is None and torch.equal(ivf.search(queries, base, 5), knn_torch(queries, base, 5))
+    assert IvfSearch(nlist=8, nprobe=8, min_classes=0).exact(50)
+
+
+def test_ess_head_with_ivf_trains_and_predicts_exactly():
+    torch.manual_seed(0)
+    head = EssHead(8, 300, embed_dim=6, knn="ivf", nlist=12, nprobe=3, knn_stride=2)
+    head.ivf.min_classes = 0
+    head.ivf.prefer_faiss = False
+    out = head(torch.randn(2, 8, 4, 4), (16, 16))
+    loss = head.loss(out, torch.randint(0, 301, (2, 16, 16)))
+    loss.backward()
+    assert torch.isfinite(loss) and head.ivf.updates == 1 and head.ivf.centroids is not None
+    flat = out.detach().permute(0, 2, 3, 1).reshape(-1, 6)
+    assert torch.equal(head.predict(out.detach()).flatten() - 1, knn_torch(flat, head.class_embeddings(), 1)[:, 0])
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_channels_first_prediction_is_the_nearest_class(normalize):
+    g = torch.Generator().manual_seed(8)
+    emb = torch.randn(2, 5, 7, 9, generator=g)
+    classes = torch.randn(23, 5, generator=g)
+    if normalize:
+        emb, classes = F.normalize(emb, dim=1), F.normalize(classes, dim=1)
+    flat = emb.permute(0, 2, 3, 1).reshape(-1, 5).double()
+    expected = torch.cdist(flat, classes.double()).argmin(1).view(2, 7, 9)
+    for chunk in (1, 100, 1 << 22):
+        assert torch.equal(nearest_class_channels_first(emb, classes, chunk), expected)
+
+
+def test_auto_backend():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert resolve_backend("auto", cpu, 19) == "torch"
+    assert resolve_backend("auto", cpu, 10000) == ("faiss" if faiss_available() else "torch")
+    assert resolve_backend("faiss", cpu, 19) == "faiss" and resolve_backend("torch", cpu, 10000) == "torch"
+    # On CUDA without faiss-gpu (faiss-cpu has no GPU indexes): torch, never a host copy through faiss-cpu.
+    from ess.knn import faiss_uses_gpu
+    if not faiss_uses_gpu(cuda):
+        assert resolve_backend("auto", cuda, 10000) == "torch"
+    with pytest.raises(ValueError, match="unknown kNN backend"):
+        resolve_backend("annoy", cpu, 10)
+    from ess.knn import ivf_uses_faiss
+    assert ivf_uses_faiss(cpu) == faiss_available() and not ivf_uses_faiss(cpu, prefer=False)
+    assert ivf_uses_faiss(cuda) == faiss_uses_gpu(cuda)  # faiss-cpu never serves CUDA embeddings
+
+
+@pytest.mark.parametrize("kwargs,message", [({"knn_stride": 3}, "knn_stride must be one of 1, 2, 4, 8"),
+                                            ({"knn": "annoy"}, "knn must be one of"), ({"k": 0}, "k must be"),
+                                            ({"tau": 0}, "tau must be"), ({"knn": "ivf", "nprobe": 0}, "nprobe"),
+                                            ({"knn": "ivf", "ivf_rebuild_every": 0}, "ivf_rebuild_every"),
+                                            ({"knn": "ivf", "nlist": 0}, "nlist")])
+def test_head_options_are_validated(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        EssHead(4, 10, **kwargs)
+
+
+def test_softmax_impl_is_validated():
+    with pytest.raises(ValueError, match="softmax impl must be one of dense, chunked"):
+        SoftmaxHead(4, 10, impl="fused")
+
+
+def test_fused_ess_loss_equals_autograd_composition():
+    from ess.losses import ess_pixel_loss_reference
+
+    g = torch.Generator().manual_seed(9)
+    classes = F.normalize(torch.randn(30, 6, generator=g), dim=1).requires_grad_()
+    pixels = F.normalize(torch.randn(500, 6, generator=g), dim=1)
+    target = torch.randint(0, 30, (500,), generator=g)
+    pixels[:50] = classes.detach()[target[:50]]  # zero distance to the target: the clamped, gradient-free case
+    pixels.requires_grad_()
+    negatives = knn_excluding(pixels, classes, target, 7, "torch")
+    got = ess_pixel_loss(pixels, target, classes, k=7, tau=20.0, negatives=negatives)
+    grads = torch.autograd.grad(got, (pixels, classes))
+    candidates = torch.cat([target[:, None], negatives], 1)
+    expected = ess_pixel_loss_reference(pixels, classes, candidates, 20.0)
+    expected_grads = torch.autograd.grad(expected, (pixels, classes))
+    assert got.item() == pytest.approx(expected.item(), rel=1e-6)
+    for a, b in zip(grads, expected_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
