@@ -3,7 +3,9 @@
 A head turns decoder features (B, F, h, w) into an output at input resolution and
 knows its own loss and prediction:
     forward(features, size) -> output
-    loss(output, mask)      -> scalar, mask (B, H, W) with 0 unlabeled and ids 1..C
+    loss(output, mask, normalizer=None) -> scalar, mask (B, H, W) with 0 unlabeled and ids 1..C;
+                            the per-pixel terms are a mean over the labelled pixels, or
+                            their sum divided by `normalizer` when given
     predict(output)         -> (B, H, W) int64 class ids 1..C
 """
 from __future__ import annotations
@@ -32,8 +34,8 @@ class SoftmaxHead(nn.Module):
         logits = self.classifier(features).contiguous(memory_format=torch.channels_last)
         return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
 
-    def loss(self, output: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return softmax_loss(output, mask)
+    def loss(self, output: torch.Tensor, mask: torch.Tensor, normalizer: float | None = None) -> torch.Tensor:
+        return softmax_loss(output, mask, normalizer)
 
     @torch.no_grad()
     def predict(self, output: torch.Tensor) -> torch.Tensor:
@@ -67,13 +69,13 @@ class EssHead(nn.Module):
         emb = self.embeddings.float()
         return F.normalize(emb, dim=1) if self.normalize else emb
 
-    def loss(self, output: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def loss(self, output: torch.Tensor, mask: torch.Tensor, normalizer: float | None = None) -> torch.Tensor:
         labelled = mask > 0
         pixels = output.permute(0, 2, 3, 1)[labelled]  # (P, d), labelled pixels only
         target = mask[labelled].long() - 1
         classes = self.class_embeddings()
         loss = ess_pixel_loss(pixels, target, classes, k=self.k, tau=self.tau, sampling=self.sampling,
-                              knn=self.knn, chunk=self.chunk)
+                              knn=self.knn, chunk=self.chunk, normalizer=normalizer)
         if self.reg:
             loss = loss + separation_loss(classes, self.margin, self.knn, self.chunk)
         return loss

@@ -14,12 +14,17 @@ from ess.knn import DEFAULT_CHUNK, knn_excluding
 SAMPLINGS = ("nearest", "random")
 
 
-def softmax_loss(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy of (B, C, H, W) logits against a (B, H, W) mask of ids 1..C, 0 ignored."""
+def softmax_loss(logits: torch.Tensor, mask: torch.Tensor, normalizer: float | None = None) -> torch.Tensor:
+    """Cross-entropy of (B, C, H, W) logits against a (B, H, W) mask of ids 1..C, 0 ignored.
+
+    Summed over the labelled pixels and divided by their count, or by `normalizer` when given.
+    """
     target = mask.long().reshape(-1) - 1  # class id c -> channel c-1; unlabeled -> -1
     # (B*H*W, C) rows: a view when the logits are channels-last, as the softmax head makes them.
     rows = logits.float().permute(0, 2, 3, 1).reshape(-1, logits.shape[1])
     total = F.cross_entropy(rows, target, ignore_index=-1, reduction="sum")
+    if normalizer is not None:
+        return total / normalizer
     # An all-unlabeled batch gives 0, not the NaN of a mean over no pixels.
     return total / (target >= 0).sum().clamp_min(1)
 
@@ -44,8 +49,10 @@ def sample_negatives(pixels: torch.Tensor, class_emb: torch.Tensor, target: torc
 
 
 def ess_pixel_loss(pixels: torch.Tensor, target: torch.Tensor, class_emb: torch.Tensor, *, k: int,
-                   tau: float, sampling: str, knn: str, chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
-    """Cross-entropy over [target, k negatives] with logits -tau * distance.
+                   tau: float, sampling: str, knn: str, chunk: int = DEFAULT_CHUNK,
+                   normalizer: float | None = None) -> torch.Tensor:
+    """Cross-entropy over [target, k negatives] with logits -tau * distance, averaged over
+    the pixels (or summed and divided by `normalizer` when given).
 
     pixels (P, d) embeddings of labelled pixels, target (P,) class indices 0..C-1,
     class_emb (C, d). The search runs without gradient; the (k+1) distances per pixel
@@ -61,6 +68,8 @@ def ess_pixel_loss(pixels: torch.Tensor, target: torch.Tensor, class_emb: torch.
     # which exact resuming relies on; advanced indexing's accumulating backward is not.
     gathered = class_emb.index_select(0, candidates.flatten()).view(*candidates.shape, -1)
     logits = -tau * euclidean(pixels[:, None, :], gathered)
+    if normalizer is not None:
+        return F.cross_entropy(logits, torch.zeros_like(target), reduction="sum") / normalizer
     return F.cross_entropy(logits, torch.zeros_like(target))
 
 
