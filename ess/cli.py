@@ -52,7 +52,8 @@ def train(out, config_file, preset, resume, stop_after, quiet, **options):
 
 
 @main.command(name="eval")
-@click.option("--run", "run_dir", type=EXISTING_DIR, required=True, help="Run directory written by `ess train`.")
+@click.option("--run", "--run-dir", "run_dir", type=EXISTING_DIR, required=True,
+              help="Run directory written by `ess train` (under torchrun spell it --run-dir: torchrun takes --run).")
 @click.option("--data", type=EXISTING_DIR, required=True, help="Build directory to evaluate on.")
 @click.option("--images-root", type=EXISTING_DIR, help="Images root [default: the one in the data's dataset.json].")
 @click.option("--out", type=PATH, help="Output directory [default: RUN/eval].")

@@ -48,7 +48,7 @@ def process_group(device_name: str = "auto") -> Iterator[torch.device]:
     exists (the caller made it) is used and left open; one made here is destroyed on the way out.
     """
     launched = launched_world_size()
-    device = pick_device(device_name, local_rank=int(os.environ["LOCAL_RANK"]) if launched > 1 else None)
+    device = pick_device(device_name, local_rank=int(os.environ.get("LOCAL_RANK", "0")) if launched > 1 else None)
     if launched == 1 or dist.is_initialized():
         yield device
         return

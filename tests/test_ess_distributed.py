@@ -109,7 +109,7 @@ def test_eval_under_torchrun_matches_one_process(runs, built_val):
     one = runs["root"] / "one"
     evaluate_run(one, built_val, out=runs["root"] / "eval-one", device="cpu", progress=False,
                              save_predictions=True)
-    run(ess_command("eval", "--run", str(one), "--data", str(built_val), "--out", str(runs["root"] / "eval-two"),
+    run(ess_command("eval", "--run-dir", str(one), "--data", str(built_val), "--out", str(runs["root"] / "eval-two"),
                     "--device", "cpu", "--save-predictions", "--quiet", processes=2))
     a, b = runs["root"] / "eval-one", runs["root"] / "eval-two"
     assert np.array_equal(np.load(a / "confusion.npz")["confusion"], np.load(b / "confusion.npz")["confusion"])
@@ -171,6 +171,21 @@ def test_global_batch_checks():
     gn = dataclasses.replace(c, model=dataclasses.replace(c.model, norm="gn"))
     with pytest.raises(InputError, match="--sync-bn needs --norm bn"):
         cfg.check_for_training(cfg.replace_train(gn, sync_bn=True))
+
+
+def test_every_flag_reaches_ess_through_torchrun():
+    """torchrun's parser rejects a flag that abbreviates one of its own (--run: --run-path); --run has --run-dir."""
+    from torch.distributed.run import get_args_parser
+
+    from ess.cli import main
+
+    flags = {o for command in main.commands.values() for p in command.params for o in p.opts + p.secondary_opts
+             if o.startswith("--")}
+    passed = set()
+    for flag in sorted(flags - {"--run"}):
+        args = get_args_parser().parse_args(["--standalone", "--nproc_per_node", "2", "-m", "ess", "eval", flag, "1"])
+        passed |= {flag} & set(args.training_script_args)
+    assert passed == flags - {"--run"} and "--run-dir" in passed
 
 
 def test_local_rank_devices():
