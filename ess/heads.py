@@ -3,9 +3,7 @@
 A head turns decoder features (B, F, h, w) into an output at input resolution and
 knows its own loss and prediction:
     forward(features, size) -> output
-    loss(output, mask, normalizer=None) -> scalar, mask (B, H, W) with 0 unlabeled and ids 1..C;
-                            the per-pixel terms are a mean over the labelled pixels, or
-                            their sum divided by `normalizer` when given
+    loss(output, mask, normalizer=None) -> scalar, mask (B, H, W) with 0 unlabeled and ids 1..C
     predict(output)         -> (B, H, W) int64 class ids 1..C
 """
 from __future__ import annotations
