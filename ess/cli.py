@@ -30,7 +30,11 @@ def main():
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click_options(*cfg.PARTS.values())
 def train(out, config_file, preset, resume, stop_after, quiet, **options):
-    """Train a softmax or ESS head; writes RUN/config.yaml, log.csv, last.pt (and val.csv, best.pt)."""
+    """Train a softmax or ESS head; writes RUN/config.yaml, log.csv, last.pt (and val.csv, best.pt).
+
+    Under `torchrun --nproc_per_node N -m ess train ...`, N processes share each --batch; rank 0 writes RUN.
+    """
+    from ess.distributed import is_main
     from ess.train import train as run_training
 
     base = None
@@ -41,12 +45,15 @@ def train(out, config_file, preset, resume, stop_after, quiet, **options):
         base = cfg.load(saved)
     config = cfg.resolve(preset, config_file, options, base=base)
     summary = run_training(config, out, resume=resume, stop_after=stop_after, progress=not quiet)
+    if not is_main():
+        return
     best = f", best val mIoU {summary['best_miou']:.4f}" if summary["best_miou"] is not None else ""
     click.echo(f"{out}: {summary['iteration']} iterations in {summary['seconds']:.0f} s{best}")
 
 
 @main.command(name="eval")
-@click.option("--run", "run_dir", type=EXISTING_DIR, required=True, help="Run directory written by `ess train`.")
+@click.option("--run", "--run-dir", "run_dir", type=EXISTING_DIR, required=True,
+              help="Run directory written by `ess train` (under torchrun spell it --run-dir: torchrun takes --run).")
 @click.option("--data", type=EXISTING_DIR, required=True, help="Build directory to evaluate on.")
 @click.option("--images-root", type=EXISTING_DIR, help="Images root [default: the one in the data's dataset.json].")
 @click.option("--out", type=PATH, help="Output directory [default: RUN/eval].")
@@ -54,15 +61,19 @@ def train(out, config_file, preset, resume, stop_after, quiet, **options):
 @click.option("--checkpoint", default="best", show_default=True, help="best, last, or a checkpoint file.")
 @click.option("--crop-val", type=click.IntRange(min=1),
               help="Evaluate resized centre crops of this size [default: the run's setting, else whole images].")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--device", default="auto", show_default=True,
+              help="auto, cpu, cuda or cuda:N (under torchrun: cuda means cuda:LOCAL_RANK).")
 @click.option("--workers", default=0, show_default=True, type=click.IntRange(min=0), help="DataLoader worker processes.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def eval_command(run_dir, data, images_root, out, save_predictions, checkpoint, crop_val, device, workers, quiet):
-    """Evaluate a run: metrics.json, per_class.csv and confusion.npz."""
+    """Evaluate a run: metrics.json, per_class.csv and confusion.npz (under torchrun, the processes share the images)."""
+    from ess.distributed import is_main
     from ess.evaluate import evaluate_run
 
     metrics = evaluate_run(run_dir, data, images_root, out, save_predictions, checkpoint, crop_val, device,
                            progress=not quiet, workers=workers)
+    if not is_main():
+        return
     where = out if out is not None else run_dir / "eval"
     click.echo(f"{metrics['head']}: mIoU {_fmt(metrics['miou'])}, pixel acc {_fmt(metrics['pixel_acc'])}, "
                f"{metrics['classes_present']}/{metrics['num_classes']} classes present -> {where}")

@@ -35,7 +35,8 @@ class TrainConfig:
                                      directory=True)
     # optimisation
     iters: int = option(90000, "Total training iterations.", low=1)
-    batch: int = option(16, "Images per iteration.", low=1)
+    batch: int = option(16, "Images per iteration: the global batch, split evenly over torchrun's processes.",
+                        low=1)
     lr: float = option(0.01, "Base learning rate (decoder, head, class embeddings).", low=0)
     encoder_lr_mult: float = option(0.1, "Encoder LR as a fraction of --lr.", low=0)
     momentum: float = option(0.9, "SGD momentum of the network.", low=0, high=1, high_open=True)
@@ -45,6 +46,8 @@ class TrainConfig:
     embed_poly_power: float = option(0.95, "Poly LR power of the class embeddings.", low=0)
     embed_weight_decay: float = option(0.0, "Weight decay of the class embeddings.", low=0)
     amp: bool = option(True, "Mixed precision on CUDA (no effect on CPU).")
+    sync_bn: bool = option(False, "BatchNorm statistics over the global batch (SyncBatchNorm) under torchrun "
+                                  "on CUDA; no effect in one process.")
     # augmentation and evaluation
     crop: int = option(512, "Training crop size in pixels.", low=1)
     scale_min: float = option(0.5, "Smallest random scale.", low=0, low_open=True)
@@ -55,7 +58,8 @@ class TrainConfig:
     # bookkeeping
     seed: int = option(0, "Seed of weights, data order and augmentation.", low=0)
     workers: int = option(0, "DataLoader worker processes.", low=0)
-    device: str = option("auto", "auto, cpu, cuda or cuda:N.", pattern=DEVICE_PATTERN)
+    device: str = option("auto", "auto, cpu, cuda or cuda:N (under torchrun: cuda means cuda:LOCAL_RANK).",
+                         pattern=DEVICE_PATTERN)
     ckpt_every: int = option(1000, "Write RUN/last.pt every N iterations.", low=1)
     val_every: int = option(0, "Validate every N iterations and keep RUN/best.pt (0: never).", low=0)
 
@@ -133,8 +137,8 @@ def resolve(preset: str | None = None, config_file: str | os.PathLike | None = N
     return config.updated({k: v for k, v in (overrides or {}).items() if v is not None}, "command line")
 
 
-def check_for_training(config: Config, source="config") -> None:
-    """Cross-option checks that only matter once a run starts."""
+def check_for_training(config: Config, source="config", world: int = 1) -> None:
+    """Cross-option checks that only matter once a run starts, in `world` processes."""
     model, train = config.model, config.train
     if not model.head:
         raise InputError(source, f"no head given: pass --head {'|'.join(HEADS)}")
@@ -142,8 +146,16 @@ def check_for_training(config: Config, source="config") -> None:
         raise InputError(source, "no training data given: pass --data TRAIN_DIR")
     if train.scale_min > train.scale_max:
         raise InputError(source, f"scale range {train.scale_min}-{train.scale_max} is not a valid range")
+    if train.batch % world:
+        raise InputError(source, f"--batch {train.batch} is the global batch and must divide evenly over "
+                                 f"the {world} processes: use a multiple of {world}")
     if model.norm == "bn" and train.batch < 2:
         raise InputError(source, "batch 1 cannot train BatchNorm layers: use --batch 2 or more, or --norm gn")
+    if model.norm == "bn" and train.batch // world < 2 and not train.sync_bn:
+        raise InputError(source, f"--batch {train.batch} over {world} processes leaves 1 image per process, too "
+                                 "few for BatchNorm: use a larger --batch, --sync-bn, or --norm gn")
+    if train.sync_bn and model.norm != "bn":
+        raise InputError(source, f"--sync-bn needs --norm bn: there are no BatchNorm layers with --norm {model.norm}")
     if train.val_every and not train.val_data:
         raise InputError(source, "--val-every needs --val-data VAL_DIR")
 

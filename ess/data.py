@@ -3,7 +3,8 @@
 Training draws from an endless stream of epochs, each a permutation of the images
 seeded by (seed, epoch); the augmentation of the sample at stream position p is
 seeded by (seed, p). A batch is therefore a function of (seed, iteration) alone,
-whatever the number of loader workers, which is what makes resuming exact.
+whatever the number of loader workers or torchrun processes (each loads its slice),
+which is what makes resuming exact.
 """
 from __future__ import annotations
 
@@ -139,10 +140,31 @@ class EvalSamples(torch.utils.data.Dataset):
         return to_tensor(image), torch.from_numpy(mask.astype(np.int64)), int(record["id"])
 
 
+class BatchShare(torch.utils.data.Sampler):
+    """Stream positions of one rank's share of iterations start..stop-1.
+
+    Iteration i's global batch is positions i*B..(i+1)*B-1 whatever the number of ranks;
+    rank r of W takes its r-th slice of B/W positions (all of them when W is 1).
+    """
+
+    def __init__(self, batch: int, start: int, stop: int, rank: int = 0, world: int = 1):
+        if batch % world or not 0 <= rank < world:
+            raise ValueError(f"a batch of {batch} cannot be shared by rank {rank} of {world}")
+        self.batch, self.share, self.rank, self.start, self.stop = batch, batch // world, rank, start, stop
+
+    def __len__(self) -> int:
+        return (self.stop - self.start) * self.share
+
+    def __iter__(self):
+        for i in range(self.start, self.stop):
+            first = i * self.batch + self.rank * self.share
+            yield from range(first, first + self.share)
+
+
 def train_loader(samples: TrainSamples, batch: int, start_iter: int, stop_iter: int, workers: int = 0,
-                 pin_memory: bool = False) -> torch.utils.data.DataLoader:
-    """Batches for iterations start_iter..stop_iter-1: iteration i holds stream positions i*B..(i+1)*B-1."""
-    positions = range(start_iter * batch, stop_iter * batch)
-    return torch.utils.data.DataLoader(samples, batch_size=batch, sampler=positions, num_workers=workers,
+                 pin_memory: bool = False, rank: int = 0, world: int = 1) -> torch.utils.data.DataLoader:
+    """This rank's part of the batches of iterations start_iter..stop_iter-1 (see BatchShare): global batch `batch`."""
+    positions = BatchShare(batch, start_iter, stop_iter, rank, world)
+    return torch.utils.data.DataLoader(samples, batch_size=positions.share, sampler=positions, num_workers=workers,
                                        pin_memory=pin_memory, drop_last=False,
                                        persistent_workers=False)

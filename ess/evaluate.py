@@ -5,6 +5,10 @@ Writes into EVAL (default RUN/eval):
     per_class.csv   id,name,source,frequency,iou,acc,gt_pixels,gt_images,pred_pixels
     confusion.npz   key "confusion": int64 C x C, rows ground truth, columns prediction
     predictions/    <12-digit id>.png (uint16 class ids) and <12-digit id>_color.png, with --save-predictions
+
+Under torchrun every process evaluates every world_size-th image and the confusion
+matrices and image counts are summed over the processes, so the metrics are those of
+one process; rank 0 writes the files, and each process its own images' predictions.
 """
 from __future__ import annotations
 
@@ -20,7 +24,7 @@ from tqdm import tqdm
 from cocolvis.dataset import BuiltDataset, mask_name
 from cocolvis.io import InputError, atomic_open, atomic_path, write_json
 from ess.data import EvalSamples
-from ess.device import pick_device
+from ess import distributed
 from ess.metrics import ConfusionMatrix, compute_metrics
 from ess.run import load_run
 from ess.visualize import colorize
@@ -47,12 +51,16 @@ def evaluate_model(model, dataset: BuiltDataset, device: torch.device, crop: int
     """Run the model over every image of `dataset` (whole images, or centre crops of `crop`).
 
     Returns compute_metrics() of the confusion matrix, plus "confusion" and "gt_images".
+    Under torchrun each rank takes its share of the images and the results are of all of them.
     """
     was_training = model.training
     model.eval()
     confusion = ConfusionMatrix(dataset.num_classes)
-    loader = torch.utils.data.DataLoader(EvalSamples(dataset, crop), batch_size=1, num_workers=workers)
-    for image, mask, image_id in tqdm(loader, desc="eval", unit="img", disable=not progress, dynamic_ncols=True):
+    samples = EvalSamples(dataset, crop)
+    shard = torch.utils.data.Subset(samples, distributed.shard(len(samples)))
+    loader = torch.utils.data.DataLoader(shard, batch_size=1, num_workers=workers)
+    show = progress and distributed.is_main()
+    for image, mask, image_id in tqdm(loader, desc="eval", unit="img", disable=not show, dynamic_ncols=True):
         with torch.autocast(device.type, dtype=torch.float16, enabled=amp and device.type == "cuda"):
             output = model(image.to(device))
         pred = model.predict(output)
@@ -63,9 +71,10 @@ def evaluate_model(model, dataset: BuiltDataset, device: torch.device, crop: int
             write_label_png(predictions_dir / name, labels)
             write_rgb_png(predictions_dir / name.replace(".png", "_color.png"), colorize(labels))
     model.train(was_training)
-    metrics = compute_metrics(confusion.confusion)
-    metrics["confusion"] = confusion.confusion
-    metrics["gt_images"] = confusion.gt_images
+    matrix = distributed.all_reduce_sum(confusion.matrix).view(dataset.num_classes, -1).numpy()
+    metrics = compute_metrics(matrix)
+    metrics["confusion"] = matrix
+    metrics["gt_images"] = distributed.all_reduce_sum(torch.from_numpy(confusion.gt_images)).numpy()
     return metrics
 
 
@@ -73,11 +82,17 @@ def _number(value: float) -> float | None:
     return None if value is None or (isinstance(value, float) and math.isnan(value)) else value
 
 
+def eval_summary(metrics: dict, head: str, run_dir: Path, data_dir: Path) -> dict:
+    """The content of metrics.json."""
+    summary = {k: _number(metrics[k]) for k in SUMMARY_KEYS}
+    summary.update(head=head, run=str(Path(run_dir).resolve()), data=str(Path(data_dir).resolve()))
+    return summary
+
+
 def write_eval(out: Path, metrics: dict, classes: list[dict], head: str, run_dir: Path, data_dir: Path) -> dict:
     """Write metrics.json, per_class.csv and confusion.npz; returns the metrics.json content."""
     out.mkdir(parents=True, exist_ok=True)
-    summary = {k: _number(metrics[k]) for k in SUMMARY_KEYS}
-    summary.update(head=head, run=str(Path(run_dir).resolve()), data=str(Path(data_dir).resolve()))
+    summary = eval_summary(metrics, head, run_dir, data_dir)
     with atomic_open(out / "per_class.csv", "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(PER_CLASS_FIELDS)
@@ -95,17 +110,22 @@ def write_eval(out: Path, metrics: dict, classes: list[dict], head: str, run_dir
 def evaluate_run(run_dir: str | Path, data: str | Path, images_root: str | Path | None = None,
                  out: str | Path | None = None, save_predictions: bool = False, checkpoint: str = "best",
                  crop: int | None = None, device: str = "auto", progress: bool = True, workers: int = 0) -> dict:
-    """`ess eval`: load a run, evaluate it on a build directory, write the outputs; returns metrics.json."""
-    dev = pick_device(device)
-    run = load_run(run_dir, checkpoint=checkpoint, device=dev)
-    dataset = BuiltDataset(data, images_root)
-    if dataset.class_names != [c["name"] for c in run.classes]:
-        raise InputError(dataset.root / "classes.json",
-                         f"{dataset.num_classes} classes that differ from the run's {len(run.classes)} "
-                         f"in {run.dir / 'classes.json'}")
-    out = Path(out) if out is not None else run.dir / "eval"
-    crop = crop if crop is not None else run.config.train.crop_val
-    metrics = evaluate_model(run.model, dataset, dev, crop=crop, amp=run.config.train.amp,
-                             predictions_dir=out / "predictions" if save_predictions else None,
-                             progress=progress, workers=workers)
-    return write_eval(out, metrics, dataset.classes, run.model.args.head, run.dir, dataset.root)
+    """`ess eval`: load a run, evaluate it on a build directory, write the outputs; returns metrics.json.
+
+    Under torchrun the processes share the images; rank 0 writes the outputs.
+    """
+    with distributed.process_group(device) as dev:
+        run = load_run(run_dir, checkpoint=checkpoint, device=dev)
+        dataset = BuiltDataset(data, images_root)
+        if dataset.class_names != [c["name"] for c in run.classes]:
+            raise InputError(dataset.root / "classes.json",
+                             f"{dataset.num_classes} classes that differ from the run's {len(run.classes)} "
+                             f"in {run.dir / 'classes.json'}")
+        out = Path(out) if out is not None else run.dir / "eval"
+        crop = crop if crop is not None else run.config.train.crop_val
+        metrics = evaluate_model(run.model, dataset, dev, crop=crop, amp=run.config.train.amp,
+                                 predictions_dir=out / "predictions" if save_predictions else None,
+                                 progress=progress, workers=workers)
+        if not distributed.is_main():
+            return eval_summary(metrics, run.model.args.head, run.dir, dataset.root)
+        return write_eval(out, metrics, dataset.classes, run.model.args.head, run.dir, dataset.root)

@@ -3,7 +3,8 @@
 A head turns decoder features (B, F, h, w) into an output at input resolution and
 knows its own loss and prediction:
     forward(features, size) -> output
-    loss(output, mask)      -> scalar, mask (B, H, W) with 0 unlabeled and ids 1..C
+    loss(output, mask, normalizer=None) -> scalar, mask (B, H, W) with 0 unlabeled and ids 1..C;
+                            per-pixel terms are a mean, or a sum / normalizer when one is given
     predict(output)         -> (B, H, W) int64 class ids 1..C
 """
 from __future__ import annotations
@@ -66,6 +67,17 @@ class UpsampledLogits:
         return up[..., :self.crop[0], :self.crop[1]]
 
 
+def renormalized(mean_loss: torch.Tensor, mask: torch.Tensor, normalizer: float | None) -> torch.Tensor:
+    """A mean over the labelled pixels of `mask` turned into their sum divided by `normalizer`.
+
+    Distributed training passes the global batch's labelled-pixel count, so that every rank's
+    loss is its share of one mean over the global batch. None keeps the local mean.
+    """
+    if normalizer is None:
+        return mean_loss
+    return mean_loss * ((mask > 0).sum() / normalizer)
+
+
 class SoftmaxHead(nn.Module):
     """The baseline: a C-way 1x1 classifier, logits upsampled bilinearly to the label size.
 
@@ -89,11 +101,14 @@ class SoftmaxHead(nn.Module):
         logits = self.classifier(features).contiguous(memory_format=torch.channels_last)
         return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
 
-    def loss(self, output: torch.Tensor | UpsampledLogits, mask: torch.Tensor) -> torch.Tensor:
+    def loss(self, output: torch.Tensor | UpsampledLogits, mask: torch.Tensor,
+             normalizer: float | None = None) -> torch.Tensor:
         if isinstance(output, UpsampledLogits):
             _check(tuple(mask.shape[1:]) == output.crop, f"mask {tuple(mask.shape)} does not match output {output.shape}")
-            return upsampled_softmax_loss(output.low, mask, output.size, self.chunk)
-        return softmax_loss(output, mask)
+            loss = upsampled_softmax_loss(output.low, mask, output.size, self.chunk)
+        else:
+            loss = softmax_loss(output, mask)
+        return renormalized(loss, mask, normalizer)
 
     @torch.no_grad()
     def predict(self, output: torch.Tensor | UpsampledLogits) -> torch.Tensor:
@@ -152,7 +167,7 @@ class EssHead(nn.Module):
         emb = self.embeddings.float()
         return F.normalize(emb, dim=1) if self.normalize else emb
 
-    def loss(self, output: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def loss(self, output: torch.Tensor, mask: torch.Tensor, normalizer: float | None = None) -> torch.Tensor:
         labelled = mask > 0
         pixels = output.permute(0, 2, 3, 1)[labelled]  # (P, d), labelled pixels only
         target = mask[labelled].long() - 1
@@ -165,6 +180,7 @@ class EssHead(nn.Module):
                                         self.chunk, self.ivf)
         loss = ess_pixel_loss(pixels, target, classes, k=self.k, tau=self.tau, sampling=self.sampling,
                               knn=self.knn, chunk=self.chunk, ivf=self.ivf, negatives=negatives)
+        loss = renormalized(loss, mask, normalizer)
         if self.reg:
             loss = loss + separation_loss(classes, self.margin, self.knn, self.chunk, self.ivf)
         return loss

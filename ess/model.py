@@ -34,6 +34,8 @@ class ModelArgs:
     pretrained: bool = option(False, "Start the encoder from ImageNet weights (needs network access).")
     output_stride: int = option(16, "Encoder output stride.", choices=(8, 16))
     aspp_rates: tuple[int, ...] = option((6, 12, 18), "ASPP dilation rates.", low=1, cli=False)
+    aspp_dropout: float = option(0.5, "Dropout after the ASPP projection (segmentation-models-pytorch's value).",
+                                 low=0, high=1, high_open=True)
     encoder_bn_momentum: float = option(0.01, "BatchNorm momentum of the encoder.", low=0, high=1)
     embed_dim: int = option(12, "ESS embedding dimension d.", low=1)
     normalize: bool = option(True, "L2-normalise pixel and class embeddings (--no-norm for the ablation).",
@@ -90,7 +92,8 @@ class Segmenter(nn.Module):
         try:
             net = smp.DeepLabV3Plus(encoder_name=args.encoder, encoder_weights="imagenet" if args.pretrained else None,
                                     encoder_output_stride=args.output_stride,
-                                    decoder_atrous_rates=tuple(args.aspp_rates), classes=1)
+                                    decoder_atrous_rates=tuple(args.aspp_rates),
+                                    decoder_aspp_dropout=args.aspp_dropout, classes=1)
         except Exception as e:  # smp fetches weights from the network; offline this fails in many ways
             if not args.pretrained:
                 raise
@@ -134,8 +137,9 @@ class Segmenter(nn.Module):
         out = self.head(self.decoder(self.encoder(x)), (ph, pw))
         return out[..., :h, :w]
 
-    def loss(self, output: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return self.head.loss(output, mask)
+    def loss(self, output: torch.Tensor, mask: torch.Tensor, normalizer: float | None = None) -> torch.Tensor:
+        """The head's loss; `normalizer` replaces the labelled-pixel count its per-pixel terms are divided by."""
+        return self.head.loss(output, mask, normalizer)
 
     def predict(self, output: torch.Tensor) -> torch.Tensor:
         return self.head.predict(output)

@@ -4,6 +4,15 @@ Everything random in an iteration is a function of (seed, iteration): the batch
 (see ess.data) and torch's RNG (dropout, random negatives), reseeded every step.
 Together with the saved weights, optimiser and scaler state this makes
 `--iters 2N --stop-after N` then `--resume` equal to one run of 2N iterations.
+
+Under torchrun (see ess.distributed) each of W processes trains on its slice of the
+global batch in DistributedDataParallel. Its summed per-pixel loss is divided by the
+global batch's labelled pixels over W (`loss_normalizer`), so that DDP's mean of the
+ranks' gradients is the gradient of the one-process loss: N processes train the same
+weights as one wherever nothing depends on the split (GroupNorm, no dropout). The
+class-separation regulariser is the same on every rank and DDP's mean leaves it whole.
+Rank 0 alone writes the run directory; every rank resumes from last.pt, whatever the
+world size it was written with (the global batch is the unit).
 """
 from __future__ import annotations
 
@@ -22,10 +31,10 @@ from cocolvis.dataset import BuiltDataset
 from cocolvis.errors import OneLineError
 from cocolvis.io import InputError, atomic_open, write_json
 from ess import config as cfg
+from ess import distributed
 from ess.checkpoint import load_checkpoint, load_weights, save_checkpoint
 from ess.config import Config, TrainConfig
 from ess.data import TrainSamples, train_loader
-from ess.device import pick_device
 from ess.evaluate import evaluate_model
 from ess.model import ModelArgs, PretrainedWeightsError, Segmenter
 
@@ -58,8 +67,21 @@ def set_lr(optimizer: torch.optim.Optimizer, iteration: int, total: int) -> floa
     return next(g["lr"] for g in optimizer.param_groups if g["name"] == "decoder")
 
 
-def step_seed(seed: int, iteration: int) -> int:
-    return int(np.random.SeedSequence([seed, 2, iteration]).generate_state(1, dtype=np.uint64)[0] >> 1)
+def step_seed(seed: int, iteration: int, rank: int = 0) -> int:
+    """The torch seed of one iteration on one rank (ranks draw different dropout masks and negatives)."""
+    entropy = [seed, 2, iteration] + ([rank] if rank else [])
+    return int(np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+def loss_normalizer(masks: torch.Tensor) -> float | None:
+    """What this rank divides its summed per-pixel loss by: the global batch's labelled pixels over the
+    world size, so that DDP's mean of the ranks' gradients is that of the global mean. None in one
+    process: the heads' own mean over the batch."""
+    world = distributed.world_size()
+    if world == 1:
+        return None
+    labelled = distributed.all_reduce_sum((masks > 0).sum())
+    return max(int(labelled), 1) / world
 
 
 def check_same_classes(train: BuiltDataset, val: BuiltDataset | None) -> None:
@@ -75,6 +97,14 @@ def tensorboard_writer(out: Path):
     except ImportError:
         return None
     return SummaryWriter(str(out / "tb"))
+
+
+def start_run_directory(out: Path, config: Config, classes: list[dict]) -> None:
+    """RUN/config.yaml (the resolved configuration) and RUN/classes.json: written by rank 0 alone."""
+    if distributed.is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        cfg.save(config, out / "config.yaml")
+        write_json(out / "classes.json", classes)
 
 
 def open_log(path: Path, fields: tuple[str, ...], keep_until: int):
@@ -110,40 +140,84 @@ def new_model(args: ModelArgs) -> Segmenter:
         raise InputError(None, f"{e}; train from scratch with --no-pretrained") from None
 
 
+class Records:
+    """RUN/log.csv, val.csv, TensorBoard events and the progress bar: rank 0's alone, silent on other ranks."""
+
+    def __init__(self, out: Path, start: int, stop: int, validating: bool, desc: str, progress: bool):
+        self.main = distributed.is_main()
+        self.log = open_log(out / "log.csv", LOG_FIELDS, start) if self.main else None
+        self.val_log = open_log(out / "val.csv", VAL_FIELDS, start) if self.main and validating else None
+        self.tb = tensorboard_writer(out) if self.main else None
+        self.bar = tqdm(total=stop, initial=start, desc=desc, unit="it", disable=not (progress and self.main),
+                        dynamic_ncols=True)
+
+    def iteration(self, done: int, loss: float, lr: float, seconds: float) -> None:
+        if self.log is not None:
+            csv.DictWriter(self.log, LOG_FIELDS).writerow(
+                {"iteration": done, "loss": f"{loss:.6g}", "lr": f"{lr:.6g}", "seconds": f"{seconds:.3f}"})
+            self.log.flush()
+        if self.tb is not None:
+            self.tb.add_scalar("train/loss", loss, done)
+            self.tb.add_scalar("train/lr", lr, done)
+        self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", refresh=False)
+        self.bar.update()
+
+    def validation(self, done: int, metrics: dict) -> None:
+        if self.val_log is not None:
+            csv.DictWriter(self.val_log, VAL_FIELDS).writerow(
+                {"iteration": done, "miou": f"{metrics['miou']:.6g}", "pixel_acc": f"{metrics['pixel_acc']:.6g}"})
+            self.val_log.flush()
+        if self.tb is not None:
+            self.tb.add_scalar("val/miou", metrics["miou"], done)
+        if self.main:
+            self.bar.write(f"iteration {done}: val mIoU {metrics['miou']:.4f}")
+
+    def close(self) -> None:
+        self.bar.close()
+        for f in (self.log, self.val_log, self.tb):
+            if f is not None:
+                f.close()
+
+
 def train(config: Config, out: str | Path, resume: bool = False, stop_after: int | None = None,
           progress: bool = True) -> dict:
     """Train one run into `out`; returns {"iteration", "best_miou", "seconds"}.
 
+    Under torchrun, every process runs this with its share of each batch; rank 0 writes the run.
     A run that fails before its first checkpoint leaves no directory behind it.
     """
     out = Path(out).resolve()
-    cfg.check_for_training(config)
-    if not resume and (out / "last.pt").exists():
-        raise InputError(out, "already holds a run (last.pt): pass --resume to continue it, or another --out")
-    fresh = not out.exists()
-    try:
-        return _train(config, out, resume, stop_after, progress)
-    except BaseException:
-        if fresh and out.exists() and not (out / "last.pt").exists():
-            shutil.rmtree(out, ignore_errors=True)
-        raise
+    with distributed.process_group(config.train.device) as device:
+        cfg.check_for_training(config, world=distributed.world_size())
+        if not resume and (out / "last.pt").exists():
+            raise InputError(out, "already holds a run (last.pt): pass --resume to continue it, or another --out")
+        fresh = not out.exists()
+        try:
+            return _train(config, out, device, resume, stop_after, progress)
+        except BaseException:
+            if distributed.is_main() and fresh and out.exists() and not (out / "last.pt").exists():
+                shutil.rmtree(out, ignore_errors=True)
+            raise
 
 
-def _train(config: Config, out: Path, resume: bool, stop_after: int | None, progress: bool) -> dict:
+def _train(config: Config, out: Path, device: torch.device, resume: bool, stop_after: int | None,
+           progress: bool) -> dict:
     settings, train_set, val_set = open_datasets(config.train)
-    device = pick_device(settings.device)
     amp = settings.amp and device.type == "cuda"
     total = settings.iters
     stop = total if stop_after is None else min(stop_after, total)
     samples = TrainSamples(train_set, settings.crop, (settings.scale_min, settings.scale_max), settings.flip,
                            settings.seed)
 
-    # Model, optimiser, mixed-precision scaler.
+    # Model, optimiser, mixed-precision scaler; `net`, what runs forward, is DistributedDataParallel
+    # around `model` under torchrun (DDP averages the ranks' gradients in backward).
     torch.manual_seed(settings.seed)
     args = dataclasses.replace(config.model, num_classes=train_set.num_classes,
                                pretrained=config.model.pretrained and not resume)
     model = new_model(args).to(device)
     optimizer = make_optimizer(model, settings)
+    # Under DDP the scaled gradients are averaged before the scaler unscales them, so every rank
+    # finds the same inf/NaN and skips (or takes) the same steps.
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
     start, best_miou, seconds = 0, None, 0.0
     if resume:
@@ -157,37 +231,33 @@ def _train(config: Config, out: Path, resume: bool, stop_after: int | None, prog
         start, best_miou, seconds = state["iteration"], state.get("best_miou"), state.get("seconds", 0.0)
         if start >= stop:
             return {"iteration": start, "best_miou": best_miou, "seconds": seconds}
+    net = distributed.wrap(model, device, settings.sync_bn)
     config = dataclasses.replace(config, train=settings)
-    out.mkdir(parents=True, exist_ok=True)
-    cfg.save(config, out / "config.yaml")
-    write_json(out / "classes.json", train_set.classes)
+    start_run_directory(out, config, train_set.classes)
 
     def checkpoint(path: Path, iteration: int) -> None:
-        save_checkpoint(path, {"iteration": iteration, "model_args": dataclasses.asdict(model.args),
-                               "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                               "scaler": scaler.state_dict(), "config": config.to_dict(),
-                               "best_miou": best_miou, "seconds": seconds})
+        if distributed.is_main():
+            save_checkpoint(path, {"iteration": iteration, "model_args": dataclasses.asdict(model.args),
+                                   "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                   "scaler": scaler.state_dict(), "config": config.to_dict(),
+                                   "best_miou": best_miou, "seconds": seconds})
 
-    log = open_log(out / "log.csv", LOG_FIELDS, start)
-    log_writer = csv.DictWriter(log, LOG_FIELDS)
-    val_log = open_log(out / "val.csv", VAL_FIELDS, start) if val_set is not None else None
-    tb = tensorboard_writer(out)
-    loader = train_loader(samples, settings.batch, start, stop, settings.workers, pin_memory=device.type == "cuda")
-    bar = tqdm(total=stop, initial=start, desc=f"train {args.head}", unit="it", disable=not progress,
-               dynamic_ncols=True)
+    records = Records(out, start, stop, val_set is not None, f"train {args.head}", progress)
+    loader = train_loader(samples, settings.batch, start, stop, settings.workers, pin_memory=device.type == "cuda",
+                          rank=distributed.rank(), world=distributed.world_size())
     model.train()
     last_saved = start if resume else None
     tick = time.perf_counter()
     try:
         for iteration, (images, masks) in zip(range(start, stop), loader):
             lr = set_lr(optimizer, iteration, total)
-            torch.manual_seed(step_seed(settings.seed, iteration))
+            torch.manual_seed(step_seed(settings.seed, iteration, distributed.rank()))
             images = images.to(device, non_blocking=True)
             masks = masks.to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
-                output = model(images)
-            loss = model.loss(output, masks)  # in float32, outside autocast
-            loss_value = loss.item()
+                output = net(images)
+            loss = model.loss(output, masks, loss_normalizer(masks))  # in float32, outside autocast
+            loss_value = distributed.mean_over_ranks(loss)  # the global batch's loss
             if not math.isfinite(loss_value):
                 kept = (f"last good checkpoint {out / 'last.pt'} (iteration {last_saved}) kept"
                         if last_saved is not None else "no checkpoint had been written yet")
@@ -200,25 +270,13 @@ def _train(config: Config, out: Path, resume: bool, stop_after: int | None, prog
             done = iteration + 1
             now = time.perf_counter()
             seconds, tick = seconds + now - tick, now
-            log_writer.writerow({"iteration": done, "loss": f"{loss_value:.6g}", "lr": f"{lr:.6g}",
-                                 "seconds": f"{seconds:.3f}"})
-            log.flush()
-            if tb is not None:
-                tb.add_scalar("train/loss", loss_value, done)
-                tb.add_scalar("train/lr", lr, done)
-            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", refresh=False)
-            bar.update()
-
-            if val_log is not None and settings.val_every and (done % settings.val_every == 0 or done == total):
+            records.iteration(done, loss_value, lr, seconds)
+            if val_set is not None and settings.val_every and (done % settings.val_every == 0 or done == total):
+                # Each rank evaluates its share of the images; the metrics are of all of them.
                 metrics = evaluate_model(model, val_set, device, crop=settings.crop_val, amp=amp, progress=False)
                 model.train()
                 miou = metrics["miou"]
-                csv.DictWriter(val_log, VAL_FIELDS).writerow(
-                    {"iteration": done, "miou": f"{miou:.6g}", "pixel_acc": f"{metrics['pixel_acc']:.6g}"})
-                val_log.flush()
-                if tb is not None:
-                    tb.add_scalar("val/miou", miou, done)
-                bar.write(f"iteration {done}: val mIoU {miou:.4f}")
+                records.validation(done, metrics)
                 if best_miou is None or miou > best_miou:
                     best_miou = miou
                     checkpoint(out / "best.pt", done)
@@ -227,10 +285,5 @@ def _train(config: Config, out: Path, resume: bool, stop_after: int | None, prog
                 checkpoint(out / "last.pt", done)
                 last_saved = done
     finally:
-        bar.close()
-        log.close()
-        if val_log is not None:
-            val_log.close()
-        if tb is not None:
-            tb.close()
+        records.close()
     return {"iteration": stop, "best_miou": best_miou, "seconds": seconds}

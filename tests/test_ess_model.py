@@ -63,6 +63,10 @@ def test_deeplab_settings_and_encoder_bn_momentum():
     assert rates == [6, 12, 18]
     assert all(bn.momentum == 0.01 for bn in m.encoder.modules() if isinstance(bn, nn.BatchNorm2d))
     assert m.output_stride == 16
+    dropouts = [d.p for d in m.decoder.modules() if isinstance(d, nn.Dropout)]
+    assert dropouts == [0.5]  # the ASPP projection's, segmentation-models-pytorch's default
+    off = build_model("softmax", 3, encoder="resnet18", aspp_dropout=0.0)
+    assert [d.p for d in off.decoder.modules() if isinstance(d, nn.Dropout)] == [0.0]
 
 
 @pytest.mark.parametrize("encoder", ["resnet18", "mobilenet_v2"])
