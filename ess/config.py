@@ -42,9 +42,13 @@ class TrainConfig:
     momentum: float = option(0.9, "SGD momentum of the network.", low=0, high=1, high_open=True)
     weight_decay: float = option(1e-4, "Weight decay of the network.", low=0)
     poly_power: float = option(0.9, "Power of the polynomial LR decay.", low=0)
-    embed_momentum: float = option(0.95, "SGD momentum of the class embeddings.", low=0, high=1, high_open=True)
+    embed_momentum: float = option(0.95, "SGD momentum of the class embeddings (with embed_optimizer sgd).",
+                                   low=0, high=1, high_open=True)
     embed_poly_power: float = option(0.95, "Poly LR power of the class embeddings.", low=0)
     embed_weight_decay: float = option(0.0, "Weight decay of the class embeddings.", low=0)
+    embed_optimizer: str = option("sgd", "Optimiser of the class embeddings: sgd (published), or adam, whose step "
+                                         "does not shrink with a class's share of the pixels.", choices=("sgd", "adam"))
+    embed_lr_mult: float = option(1.0, "Class-embedding LR as a multiple of --lr.", low=0, low_open=True)
     amp: bool = option(True, "Mixed precision on CUDA (no effect on CPU).")
     sync_bn: bool = option(False, "BatchNorm statistics over the global batch (SyncBatchNorm) under torchrun "
                                   "on CUDA; no effect in one process.")

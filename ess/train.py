@@ -37,6 +37,7 @@ from ess.config import Config, TrainConfig
 from ess.data import TrainSamples, train_loader
 from ess.evaluate import evaluate_model
 from ess.model import ModelArgs, PretrainedWeightsError, Segmenter
+from ess.optim import make_optimizer, set_lr
 
 LOG_FIELDS = ("iteration", "loss", "lr", "seconds")
 VAL_FIELDS = ("iteration", "miou", "pixel_acc")
@@ -44,27 +45,6 @@ VAL_FIELDS = ("iteration", "miou", "pixel_acc")
 
 class TrainingError(OneLineError):
     """Training cannot go on (e.g. the loss diverged): one line at the command line, exit status 1."""
-
-
-def make_optimizer(model: Segmenter, train: TrainConfig) -> torch.optim.SGD:
-    """SGD over the model's parameter groups, each with its own base LR, momentum, decay and poly power."""
-    network = dict(momentum=train.momentum, weight_decay=train.weight_decay, power=train.poly_power)
-    settings = {
-        "encoder": dict(base_lr=train.lr * train.encoder_lr_mult, **network),
-        "decoder": dict(base_lr=train.lr, **network),
-        "class_embeddings": dict(base_lr=train.lr, momentum=train.embed_momentum,
-                                 weight_decay=train.embed_weight_decay, power=train.embed_poly_power),
-    }
-    groups = [dict(name=name, params=params, lr=settings[name]["base_lr"], **settings[name])
-              for name, params in model.param_groups().items()]
-    return torch.optim.SGD(groups, lr=train.lr)
-
-
-def set_lr(optimizer: torch.optim.Optimizer, iteration: int, total: int) -> float:
-    """Polynomial decay lr = base * (1 - i/total)^power per group; returns the decoder's LR."""
-    for g in optimizer.param_groups:
-        g["lr"] = g["base_lr"] * (1 - iteration / total) ** g["power"]
-    return next(g["lr"] for g in optimizer.param_groups if g["name"] == "decoder")
 
 
 def step_seed(seed: int, iteration: int, rank: int = 0) -> int:
