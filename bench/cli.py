@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from bench.topn import DEFINITION
+from bench.definitions import TOPN_DEFINITION
 from cocolvis.errors import CommandGroup
 
 _dir = click.Path(exists=True, file_okay=False, path_type=Path)
@@ -36,7 +36,7 @@ def longtail(data: Path, out: Path):
 
 @main.command("topn-miou", help=(
     "mIoU over the n most frequent classes, for every n from 1 to C, one curve per run (log x axis).\n\n"
-    "Definition: " + DEFINITION))
+    "Definition: " + TOPN_DEFINITION))
 @click.option("--eval", "evals", required=True, multiple=True, type=_dir,
               help="An `ess eval` output directory (metrics.json, confusion.npz); repeat for several runs.")
 @click.option("--data", type=_dir, default=None,

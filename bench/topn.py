@@ -5,26 +5,19 @@ rare classes join the mean; the curve shows where along the tail each head gives
 """
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import yaml
 
+from bench.definitions import TOPN_DEFINITION
 from bench.longtail import frequency_order, read_class_stats
 from bench.report import (files_section, fmt, markdown_table, new_figure, plain_log_ticks, save_figure, save_table,
                           write_summary)
 from cocolvis.io import InputError, read_json
 from ess.metrics import per_class_iou
-
-DEFINITION = (
-    "Classes are ordered most frequent first by their training pixels (or images) in the data's stats.csv, "
-    "ties broken by the other count, then by class id. Each class's IoU is TP / (TP + FP + FN) from the full "
-    "C x C confusion matrix of the evaluation (all classes compete in the prediction, not only the top n). "
-    "mIoU@n is the mean of the IoUs of the classes among the top n that are present (in the ground truth or "
-    "the prediction); classes absent from both are skipped, as in the run's overall mIoU, and mIoU@n is empty "
-    "(NaN) when none of the top n is present. So mIoU@C equals metrics.json's miou."
-)
 
 
 def read_eval(eval_dir: str | Path) -> dict:
@@ -39,8 +32,9 @@ def read_eval(eval_dir: str | Path) -> dict:
             confusion = npz["confusion"]
     except KeyError:
         raise InputError(path, "no array named 'confusion'") from None
-    except (OSError, ValueError) as e:
-        raise InputError(path, f"unreadable: {e}") from None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        reason = " ".join(str(e).split())[:200] or type(e).__name__
+        raise InputError(path, f"unreadable (not an .npz archive, or truncated): {reason}") from None
     if confusion.ndim != 2 or confusion.shape[0] != confusion.shape[1]:
         raise InputError(path, f"confusion must be a square matrix, got shape {confusion.shape}")
     if not np.issubdtype(confusion.dtype, np.integer) or (confusion < 0).any():
@@ -156,7 +150,7 @@ def run_topn(evals: list[str | Path], out: str | Path, data: str | Path | None =
     text = "\n".join([
         f"# Top-n mIoU, classes ordered by training {by} of `{data}`",
         "",
-        "Definition: " + DEFINITION,
+        "Definition: " + TOPN_DEFINITION,
         "",
         markdown_table(rows),
         "",

@@ -206,3 +206,47 @@ def test_topn_missing_run_config(build, tmp_path):
     (ev.parent / "config.yaml").unlink()
     result = CliRunner().invoke(main, ["topn-miou", "--eval", str(ev), "--out", str(tmp_path / "o")])
     assert result.exit_code == 1 and "config.yaml: missing" in result.output and "--data" in result.output
+
+
+@pytest.mark.parametrize("content,message", [
+    (b"\x00\xff\xfe not text \x89PNG", "not UTF-8 text"),
+    (b"", "empty"),
+    (b'id,name\n1,"unterminated\n', "malformed CSV"),
+    (b"a,b\n1,2\n", "no `id` column"),
+    (b"id,name,pixels,images,lvis_pixels,coco_pixels,lvis_images,coco_images\nx,cat,1,1,1,0,1,0\n", "row 1: class id"),
+    (None, "class 2: counts must be non-negative integers"),  # a word among the counts
+])
+def test_longtail_garbage_stats_is_one_line_error(build, tmp_path, content, message):
+    if content is None:
+        text = (build / "stats.csv").read_text().splitlines()
+        text[2] = text[2].replace(",900,", ",many,")
+        content = "\n".join(text).encode()
+    (build / "stats.csv").write_bytes(content)
+    out = tmp_path / "lt"
+    result = CliRunner().invoke(main, ["longtail", "--data", str(build), "--out", str(out)])
+    assert result.exit_code == 1 and not isinstance(result.exception, (KeyError, ValueError, TypeError))
+    assert result.output.startswith(f"Error: {build / 'stats.csv'}: ") and message in result.output
+    assert len(result.output.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("content", [b"garbage", b"PK\x03\x04 cut short", b""])
+def test_topn_corrupt_confusion_is_one_line_error(build, tmp_path, content):
+    ev = write_eval(tmp_path / "run", build, "ess", CONFUSION)
+    (ev / "confusion.npz").write_bytes(content)
+    out = tmp_path / "topn"
+    result = CliRunner().invoke(main, ["topn-miou", "--eval", str(ev), "--out", str(out)])
+    assert result.exit_code == 1
+    assert result.output.startswith(f"Error: {ev / 'confusion.npz'}: unreadable")
+    assert len(result.output.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_help_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = "import bench.cli, sys; assert 'torch' not in sys.modules, 'bench.cli imports torch'"
+    subprocess.run([sys.executable, "-c", code], check=True)
+    result = CliRunner().invoke(main, ["--help"])
+    assert result.exit_code == 0 and "topn-miou" in result.output
