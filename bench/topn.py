@@ -70,6 +70,18 @@ def training_data(ev: dict) -> Path:
     return Path(config["data"])
 
 
+def topn_table(stats: pd.DataFrame, by: str, ious: dict[str, np.ndarray]) -> pd.DataFrame:
+    """One row per n: the n-th most frequent class, and per label its IoU and the mIoU over the top n."""
+    ordered = frequency_order(stats, by)
+    order = ordered.index.to_numpy() - 1
+    table = pd.DataFrame({"n": np.arange(1, len(stats) + 1), "id": ordered.index.to_numpy(),
+                          "name": ordered["name"].to_numpy(), f"train_{by}": ordered[by].to_numpy()})
+    for label, iou in ious.items():
+        table[f"iou_{label}"] = iou[order]
+        table[f"miou_{label}"] = topn_miou(iou, order)
+    return table
+
+
 def run_labels(evals: list[dict]) -> list[str]:
     """Each run's head ("ess", "softmax"), with the run's directory name added where heads repeat."""
     heads = [str(ev["metrics"].get("head") or ev["dir"].parent.name) for ev in evals]
@@ -80,6 +92,25 @@ def run_labels(evals: list[dict]) -> list[str]:
     if len(set(labels)) < len(labels):
         labels = [f"{label} #{i + 1}" for i, label in enumerate(labels)]
     return labels
+
+
+def plot_topn(table: pd.DataFrame, labels: list[str], by: str, title: str):
+    """The curves miou_<label> of a top-n table against n (log x axis), one per label."""
+    num_classes = len(table)
+    fig = new_figure(8, 4.5)
+    ax = fig.add_subplot()
+    for label in labels:
+        ax.plot(table["n"], table[f"miou_{label}"], label=label, linewidth=1.8)
+    ax.set_xscale("log")
+    plain_log_ticks(ax.xaxis)
+    ax.set_xlim(1, max(num_classes, 2))
+    ax.set_ylim(bottom=0)
+    ax.set_xlabel(f"n (the n most frequent classes by training {by})")
+    ax.set_ylabel("mIoU over the top n classes")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    return fig
 
 
 def milestones(num_classes: int) -> list[int]:
@@ -109,35 +140,14 @@ def run_topn(evals: list[str | Path], out: str | Path, data: str | Path | None =
             raise InputError(ev["dir"] / "confusion.npz", f"{ev['confusion'].shape[0]} classes, but {data / 'stats.csv'} "
                              f"has {num_classes}")
     labels = run_labels(evs)
-    ordered = frequency_order(stats, by)
-    order = ordered.index.to_numpy() - 1
-
-    table = pd.DataFrame({"n": np.arange(1, num_classes + 1), "id": ordered.index.to_numpy(),
-                          "name": ordered["name"].to_numpy(), f"train_{by}": ordered[by].to_numpy()})
-    ious = []
-    for label, ev in zip(labels, evs):
-        iou = per_class_iou(ev["confusion"])
-        ious.append(iou)
-        table[f"iou_{label}"] = iou[order]
-        table[f"miou_{label}"] = topn_miou(iou, order)
+    ious = [per_class_iou(ev["confusion"]) for ev in evs]
+    table = topn_table(stats, by, dict(zip(labels, ious)))
 
     out.mkdir(parents=True, exist_ok=True)
     paths = {"topn_miou.csv": save_table(table, out / "topn_miou.csv")}
 
-    fig = new_figure(8, 4.5)
-    ax = fig.add_subplot()
-    for label in labels:
-        ax.plot(table["n"], table[f"miou_{label}"], label=label, linewidth=1.8)
-    ax.set_xscale("log")
-    plain_log_ticks(ax.xaxis)
-    ax.set_xlim(1, max(num_classes, 2))
-    ax.set_ylim(bottom=0)
-    ax.set_xlabel(f"n (the n most frequent classes by training {by})")
-    ax.set_ylabel("mIoU over the top n classes")
-    ax.set_title(f"Top-n mIoU, {num_classes} classes ordered by {data.name} {by}")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
-    paths["topn_miou.png"] = save_figure(fig, out / "topn_miou.png")
+    title = f"Top-n mIoU, {num_classes} classes ordered by {data.name} {by}"
+    paths["topn_miou.png"] = save_figure(plot_topn(table, labels, by, title), out / "topn_miou.png")
 
     ns = milestones(num_classes)
     rows = table.set_index("n").loc[ns, [f"miou_{label}" for label in labels]].reset_index()
