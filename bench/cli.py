@@ -146,6 +146,21 @@ def embeddings(run_dir, data, images_root, image_id, checkpoint, clusters, dendr
 
 
 @main.command(help=(
+    "Evaluated runs side by side: mIoU over all classes, the 50 most frequent, the tail, the LVIS frequency "
+    "groups and stuff, and which run wins each group, by how much. Writes compare.csv, winners.csv and "
+    "summary.md.\n\nGroups: " + GROUP_DEFINITION))
+@click.option("--eval", "evals", required=True, multiple=True, type=_dir,
+              help="An `ess eval` output directory (metrics.json, confusion.npz); repeat for each run (two or more).")
+@click.option("--data", type=_dir, default=None,
+              help="Build whose stats.csv and classes.json define the groups; default: the training data of the runs.")
+@_out
+def compare(evals: tuple[Path, ...], data: Path | None, out: Path):
+    from bench.compare import run_compare
+
+    run_compare(list(evals), out, data=data)
+
+
+@main.command(help=(
     "Train and evaluate the softmax head, ESS and the ablations of ESS alike, then tabulate, draw and check the "
     "paper's claims: OUT/runs/<variant>, study.csv, study.md, topn_miou.png, learning_curve.png. Every variant "
     "gets the same data, iterations, seed and schedule and differs only in its model options; each is evaluated "

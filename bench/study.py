@@ -21,18 +21,16 @@ import math
 from pathlib import Path
 
 import click
-import numpy as np
 import pandas as pd
 
-from bench.definitions import GROUP_DEFINITION, TOP, VARIANTS
-from bench.longtail import frequency_order, read_class_stats
+from bench.compare import ROW_COLUMNS, evaluation_rows, read_csv_log
+from bench.definitions import GROUP_DEFINITION, VARIANTS
+from bench.longtail import read_class_stats
 from bench.report import files_section, fmt, markdown_table, new_figure, save_figure, save_table
-from bench.topn import plot_topn, read_eval, topn_table
+from bench.topn import plot_topn, topn_table
 from cocolvis.io import InputError, write_text
-from ess.metrics import per_class_iou
 
-GROUP_COLUMNS = ("miou", "miou_top50", "miou_tail", "miou_lvis_f", "miou_lvis_c", "miou_lvis_r", "miou_stuff")
-STUDY_COLUMNS = ("variant", "head", *GROUP_COLUMNS, "pixel_acc", "classes_present", "iters", "train_seconds")
+STUDY_COLUMNS = ("variant", *ROW_COLUMNS[1:])
 CHECKPOINT = "last"  # every variant is evaluated after the same number of iterations
 
 # The published results on COCO+LVIS (mIoU, %), for direction only: this study runs far smaller.
@@ -138,71 +136,16 @@ def run_variants(configs: dict, out: Path, resume: bool = False, progress: bool 
 
 # --- tables ----------------------------------------------------------------------------------------------------
 
-def class_groups(stats: pd.DataFrame) -> dict[str, np.ndarray]:
-    """column -> boolean mask over class indices 0..C-1 (see GROUP_DEFINITION)."""
-    ranked = frequency_order(stats, "pixels").index.to_numpy() - 1
-    top = np.zeros(len(stats), dtype=bool)
-    top[ranked[:TOP]] = True
-    group, source = stats["group"].to_numpy(), stats["source"].to_numpy()
-    return {
-        "miou": np.ones(len(stats), dtype=bool),
-        "miou_top50": top,
-        "miou_tail": ~top,
-        "miou_lvis_f": group == "f",
-        "miou_lvis_c": group == "c",
-        "miou_lvis_r": group == "r",
-        "miou_stuff": np.isin(source, ("coco", "both")),
-    }
-
-
-def group_miou(iou: np.ndarray, members: np.ndarray) -> float:
-    """Mean IoU over the member classes present (IoU not NaN); NaN when none is."""
-    values = iou[members]
-    values = values[~np.isnan(values)]
-    return float(values.mean()) if values.size else float("nan")
-
-
-def read_csv_log(path: Path) -> pd.DataFrame:
-    try:
-        return pd.read_csv(path)
-    except FileNotFoundError:
-        raise InputError(path, "missing: not a finished `ess train` run") from None
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
-        raise InputError(path, f"unreadable CSV: {' '.join(str(e).split())[:200]}") from None
-
-
-def training_record(run: Path) -> tuple[int, float]:
-    """(iterations done, training seconds) from the last row of RUN/log.csv."""
-    log = read_csv_log(run / "log.csv")
-    if log.empty or not {"iteration", "seconds"} <= set(log.columns):
-        raise InputError(run / "log.csv", "no training rows")
-    last = log.iloc[-1]
-    return int(last["iteration"]), float(last["seconds"])
-
-
 def study_tables(out: Path, data: Path, variants: list[str]) -> dict[str, pd.DataFrame]:
     """study, topn and learning-curve tables of the evaluated variants in OUT/runs."""
     stats = read_class_stats(data)
-    groups = class_groups(stats)
-    rows, ious, curves = [], {}, []
-    for name in variants:
-        run = out / "runs" / name
-        ev = read_eval(run / "eval")
-        if ev["confusion"].shape[0] != len(stats):
-            raise InputError(ev["dir"] / "confusion.npz", f"{ev['confusion'].shape[0]} classes, but "
-                                                          f"{Path(data) / 'stats.csv'} has {len(stats)}")
-        iou = per_class_iou(ev["confusion"])
-        ious[name] = iou
-        iters, seconds = training_record(run)
-        rows.append({"variant": name, "head": ev["metrics"].get("head"),
-                     **{col: group_miou(iou, members) for col, members in groups.items()},
-                     "pixel_acc": ev["metrics"].get("pixel_acc"), "classes_present": int((~np.isnan(iou)).sum()),
-                     "iters": iters, "train_seconds": round(seconds, 1)})
-        if (run / "val.csv").exists():
-            curves.append(read_csv_log(run / "val.csv").assign(variant=name))
+    runs = {name: out / "runs" / name for name in variants}
+    rows, ious = evaluation_rows({name: run / "eval" for name, run in runs.items()}, stats, Path(data) / "stats.csv")
+    curves = [read_csv_log(run / "val.csv").assign(variant=name) for name, run in runs.items()
+              if (run / "val.csv").exists()]
     curve = (pd.concat(curves, ignore_index=True) if curves
              else pd.DataFrame(columns=["iteration", "miou", "pixel_acc", "variant"]))
-    return {"study": pd.DataFrame(rows, columns=list(STUDY_COLUMNS)),
+    return {"study": rows.rename(columns={"run": "variant"}),
             "topn": topn_table(stats, "pixels", ious),
             "learning_curve": curve[["variant", "iteration", "miou", "pixel_acc"]]}
 

@@ -250,3 +250,29 @@ def test_help_does_not_import_torch():
     subprocess.run([sys.executable, "-c", code], check=True)
     result = CliRunner().invoke(main, ["--help"])
     assert result.exit_code == 0 and "topn-miou" in result.output
+
+
+def test_compare_groups_by_hand(build, tmp_path):
+    softmax = write_eval(tmp_path / "softmax", build, "softmax", CONFUSION)
+    ess = write_eval(tmp_path / "ess", build, "ess", np.diag([10, 10, 4, 7, 0, 0]).astype(np.int64))
+    out = tmp_path / "cmp"
+    result = CliRunner().invoke(main, ["compare", "--eval", str(softmax), "--eval", str(ess), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    table = pd.read_csv(out / "compare.csv").set_index("run")
+    row = table.loc["softmax"]
+    # 6 classes: all are in the top 50, so the tail is empty; zebra (5) is absent from both.
+    assert row["miou"] == pytest.approx(np.nanmean([IOU[i] for i in range(1, 7)]))
+    assert row["miou_top50"] == pytest.approx(row["miou"]) and np.isnan(row["miou_tail"])
+    assert row["miou_lvis_f"] == pytest.approx(IOU[1])                     # cat
+    assert row["miou_lvis_c"] == pytest.approx((IOU[3] + IOU[6]) / 2)      # grass (both), unicorn
+    assert row["miou_lvis_r"] == pytest.approx(IOU[2])                     # sky (both); zebra absent
+    assert row["miou_stuff"] == pytest.approx((IOU[2] + IOU[3] + IOU[4]) / 3)  # sky, grass (both), wall
+    assert row["classes_present"] == 5 and table.loc["ess", "miou"] == pytest.approx(1.0)
+    wins = pd.read_csv(out / "winners.csv").set_index("group")
+    assert wins.at["miou", "winner"] == "ess" and wins.at["miou", "difference"] == pytest.approx(1 - row["miou"])
+    assert pd.isna(wins.at["miou_tail", "winner"])
+    assert "Winner: **ess**, mIoU 1 vs" in result.output and "it wins on all classes" in result.output
+    assert "- LVIS rare (miou_lvis_r): **ess** 1 vs 0.75 (+0.25, 1.33x)" in result.output
+
+    one = CliRunner().invoke(main, ["compare", "--eval", str(softmax), "--out", str(tmp_path / "one")])
+    assert one.exit_code == 1 and "at least two --eval" in one.output
