@@ -188,26 +188,8 @@ def plot_overlaps(overlaps: pd.DataFrame):
     return fig
 
 
-def run_longtail(data: str | Path, out: str | Path, echo: bool = True) -> dict[str, Path]:
-    """Write the long-tail tables, figures and summary of one build into `out`."""
-    data, out = Path(data), Path(out)
-    df = read_class_stats(data)
-    stats_path = data / "stats.csv"
-    ranked = ranked_classes(df)
-    groups = group_counts(df)
-    overlaps = overlap_images(df, stats_path)
-
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {
-        "longtail.csv": save_table(ranked, out / "longtail.csv"),
-        "groups.csv": save_table(groups, out / "groups.csv"),
-        "overlaps.csv": save_table(overlaps, out / "overlaps.csv"),
-    }
-    paths["longtail.png"] = save_figure(plot_longtail(ranked, f"Images per class, {data.name} ({len(df)} classes)"),
-                                        out / "longtail.png")
-    paths["wordcloud.png"] = save_figure(plot_wordcloud(ranked, stats_path), out / "wordcloud.png", dpi=100)
-    paths["overlaps.png"] = save_figure(plot_overlaps(overlaps), out / "overlaps.png")
-
+def longtail_summary(data: Path, out: Path, df: pd.DataFrame, ranked: pd.DataFrame, groups: pd.DataFrame,
+                     overlaps: pd.DataFrame) -> str:
     present = ranked[ranked["images"] > 0]
     top, bottom = present.head(1), present.tail(1)
     head_share = ranked["pixels"].head(max(len(ranked) // 10, 1)).sum() / max(ranked["pixels"].sum(), 1)
@@ -248,5 +230,29 @@ def run_longtail(data: str | Path, out: str | Path, echo: bool = True) -> dict[s
             "overlaps.png": "the same as stacked bars",
         }),
     ]
-    paths["summary.md"] = write_summary(out, "\n".join(lines), echo=echo)
+    return "\n".join(lines)
+
+
+def run_longtail(data: str | Path, out: str | Path, echo: bool = True) -> dict[str, Path]:
+    """Write the long-tail tables, figures and summary of one build into `out`."""
+    data, out = Path(data), Path(out)
+    df = read_class_stats(data)
+    stats_path = data / "stats.csv"
+    ranked = ranked_classes(df)
+    groups = group_counts(df)
+    overlaps = overlap_images(df, stats_path)
+
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {
+        "longtail.csv": save_table(ranked, out / "longtail.csv"),
+        "groups.csv": save_table(groups, out / "groups.csv"),
+        "overlaps.csv": save_table(overlaps, out / "overlaps.csv"),
+    }
+    paths["longtail.png"] = save_figure(plot_longtail(ranked, f"Images per class, {data.name} ({len(df)} classes)"),
+                                        out / "longtail.png")
+    paths["wordcloud.png"] = save_figure(plot_wordcloud(ranked, stats_path), out / "wordcloud.png", dpi=100)
+    paths["overlaps.png"] = save_figure(plot_overlaps(overlaps), out / "overlaps.png")
+
+    text = longtail_summary(data, out, df, ranked, groups, overlaps)
+    paths["summary.md"] = write_summary(out, text, echo=echo)
     return paths

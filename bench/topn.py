@@ -118,6 +118,34 @@ def milestones(num_classes: int) -> list[int]:
     return ns + [num_classes]
 
 
+def topn_summary(data: Path, out: Path, by: str, table: pd.DataFrame, labels: list[str], evs: list[dict],
+                 ious: list[np.ndarray]) -> str:
+    num_classes = len(table)
+    ns = milestones(num_classes)
+    rows = table.set_index("n").loc[ns, [f"miou_{label}" for label in labels]].reset_index()
+    rows.columns = ["n"] + [f"mIoU@n {label}" for label in labels]
+    checks = []
+    for label, ev, iou in zip(labels, evs, ious):
+        recorded = ev["metrics"].get("miou")
+        checks.append(f"- {label} (`{ev['dir']}`): mIoU@C = {fmt(table[f'miou_{label}'].iloc[-1])}, metrics.json miou = "
+                      f"{fmt(recorded)}; {int((~np.isnan(iou)).sum())} of {num_classes} classes present")
+    return "\n".join([
+        f"# Top-n mIoU, classes ordered by training {by} of `{data}`",
+        "",
+        "Definition: " + TOPN_DEFINITION,
+        "",
+        markdown_table(rows),
+        "",
+        *checks,
+        "",
+        files_section(out, {
+            "topn_miou.csv": f"one row per n: n, the n-th class (id, name, train_{by}), and per run its IoU "
+                             "(iou_<run>) and the mIoU over the top n (miou_<run>)",
+            "topn_miou.png": "mIoU over the top n classes against n (log x axis), one curve per run",
+        }),
+    ])
+
+
 def run_topn(evals: list[str | Path], out: str | Path, data: str | Path | None = None, by: str = "pixels",
              echo: bool = True) -> dict[str, Path]:
     """Write the top-n mIoU table, plot and summary of one or more evaluations into `out`."""
@@ -149,28 +177,6 @@ def run_topn(evals: list[str | Path], out: str | Path, data: str | Path | None =
     title = f"Top-n mIoU, {num_classes} classes ordered by {data.name} {by}"
     paths["topn_miou.png"] = save_figure(plot_topn(table, labels, by, title), out / "topn_miou.png")
 
-    ns = milestones(num_classes)
-    rows = table.set_index("n").loc[ns, [f"miou_{label}" for label in labels]].reset_index()
-    rows.columns = ["n"] + [f"mIoU@n {label}" for label in labels]
-    checks = []
-    for label, ev, iou in zip(labels, evs, ious):
-        recorded = ev["metrics"].get("miou")
-        checks.append(f"- {label} (`{ev['dir']}`): mIoU@C = {fmt(table[f'miou_{label}'].iloc[-1])}, metrics.json miou = "
-                      f"{fmt(recorded)}; {int((~np.isnan(iou)).sum())} of {num_classes} classes present")
-    text = "\n".join([
-        f"# Top-n mIoU, classes ordered by training {by} of `{data}`",
-        "",
-        "Definition: " + TOPN_DEFINITION,
-        "",
-        markdown_table(rows),
-        "",
-        *checks,
-        "",
-        files_section(out, {
-            "topn_miou.csv": f"one row per n: n, the n-th class (id, name, train_{by}), and per run its IoU "
-                             "(iou_<run>) and the mIoU over the top n (miou_<run>)",
-            "topn_miou.png": "mIoU over the top n classes against n (log x axis), one curve per run",
-        }),
-    ])
+    text = topn_summary(data, out, by, table, labels, evs, ious)
     paths["summary.md"] = write_summary(out, text, echo=echo)
     return paths
