@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from bench.topn import DEFINITION
+from bench.definitions import GROUP_DEFINITION, TOPN_DEFINITION, VARIANTS
 from cocolvis.errors import CommandGroup
 
 _dir = click.Path(exists=True, file_okay=False, path_type=Path)
@@ -36,7 +36,7 @@ def longtail(data: Path, out: Path):
 
 @main.command("topn-miou", help=(
     "mIoU over the n most frequent classes, for every n from 1 to C, one curve per run (log x axis).\n\n"
-    "Definition: " + DEFINITION))
+    "Definition: " + TOPN_DEFINITION))
 @click.option("--eval", "evals", required=True, multiple=True, type=_dir,
               help="An `ess eval` output directory (metrics.json, confusion.npz); repeat for several runs.")
 @click.option("--data", type=_dir, default=None,
@@ -145,6 +145,52 @@ def embeddings(run_dir, data, images_root, image_id, checkpoint, clusters, dendr
 
     run_embeddings(run_dir, data, out, images_root=images_root, image_id=image_id, checkpoint=checkpoint,
                    clusters=clusters, dendrogram_classes=dendrogram_classes, max_points=max_points, device=device)
+
+
+@main.command(help=(
+    "Evaluated runs side by side: mIoU over all classes, the 50 most frequent, the tail, the LVIS frequency "
+    "groups and stuff, and which run wins each group, by how much. Writes compare.csv, winners.csv and "
+    "summary.md.\n\nGroups: " + GROUP_DEFINITION))
+@click.option("--eval", "evals", required=True, multiple=True, type=_dir,
+              help="An `ess eval` output directory (metrics.json, confusion.npz); repeat for each run (two or more).")
+@click.option("--data", type=_dir, default=None,
+              help="Build whose stats.csv and classes.json define the groups; default: the training data of the runs.")
+@_out
+def compare(evals: tuple[Path, ...], data: Path | None, out: Path):
+    from bench.compare import run_compare
+
+    run_compare(list(evals), out, data=data)
+
+
+@main.command(help=(
+    "Train and evaluate the softmax head, ESS and the ablations of ESS alike, then tabulate, draw and check the "
+    "paper's claims: OUT/runs/<variant>, study.csv, study.md, topn_miou.png, learning_curve.png. Every variant "
+    "gets the same data, iterations, seed and schedule and differs only in its model options; each is evaluated "
+    "on --val-data at its last checkpoint.\n\n"
+    "Variants: " + "; ".join(f"{name} ({', '.join(f'{k}: {v}' for k, v in opts.items())})"
+                             for name, opts in VARIANTS.items())
+    + ". A variant whose options this version of ess lacks is not offered.\n\nstudy.csv groups: " + GROUP_DEFINITION))
+@click.option("--data", required=True, type=_dir, help="Training build (a `cocolvis build` output).")
+@click.option("--val-data", required=True, type=_dir,
+              help="Validation build: the learning curves during training and the final evaluation.")
+@_out
+@click.option("--variants", default=None,
+              help="Comma-separated variant names, trained in this order [default: all that are available].")
+@click.option("--iters", type=click.IntRange(min=1), default=None,
+              help="Training iterations of every variant [default: the preset's].")
+@click.option("--preset", default="study", show_default=True,
+              help="Named `ess` configuration that every variant starts from (ess/configs/<preset>.yaml).")
+@click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="YAML file of `ess train` options applied after the preset, for every variant.")
+@click.option("--resume", is_flag=True,
+              help="Continue a study in OUT: evaluated variants are kept, a partly trained one continues from "
+                   "its last.pt.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def study(data, val_data, out, variants, iters, preset, config_file, resume, quiet):
+    from bench.study import run_study
+
+    run_study(data, val_data, out, variants=variants, iters=iters, preset=preset, config_file=config_file,
+              resume=resume, progress=not quiet)
 
 
 if __name__ == "__main__":

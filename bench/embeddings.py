@@ -150,20 +150,26 @@ def frequent_classes(table: pd.DataFrame, most: int) -> pd.DataFrame:
     return table.loc[(seen if len(seen) >= 2 else ordered).index[:most]]
 
 
-def plot_dendrogram(class_emb: np.ndarray, shown: pd.DataFrame):
-    """Ward agglomerative clustering of the shown classes' embeddings; the figure and its leaves' ids, top to bottom."""
+def ward_tree(class_emb: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Ward linkage of the classes `ids` (1-based) and its leaves' ids, top to bottom as drawn."""
     from scipy.cluster.hierarchy import dendrogram, linkage
 
-    ids = shown.index.to_numpy()
     links = linkage(class_emb[ids - 1].astype(np.float64), method="ward")
-    fig = new_figure(8, 1.5 + 0.17 * len(ids))
+    order = dendrogram(links, no_plot=True)["leaves"]
+    return links, ids[np.asarray(order)[::-1]]  # a left-oriented tree lists its leaves bottom to top
+
+
+def plot_dendrogram(links: np.ndarray, names: list[str]):
+    """The Ward tree of `ward_tree`, its classes' `names` in the order they were given to it."""
+    from scipy.cluster.hierarchy import dendrogram
+
+    fig = new_figure(8, 1.5 + 0.17 * len(names))
     ax = fig.add_subplot()
-    tree = dendrogram(links, labels=shown["name"].tolist(), orientation="left", ax=ax, leaf_font_size=8,
-                      color_threshold=0.7 * links[:, 2].max() if len(links) else 0)
+    dendrogram(links, labels=names, orientation="left", ax=ax, leaf_font_size=8,
+               color_threshold=0.7 * links[:, 2].max() if len(links) else 0)
     ax.set_xlabel("Ward linkage distance")
-    ax.set_title(f"Agglomerative clustering of the class embeddings ({len(ids)} most frequent classes)")
-    leaves = ids[np.asarray(tree["leaves"])[::-1]]  # scipy lists a left-oriented tree's leaves bottom to top
-    return fig, leaves
+    ax.set_title(f"Agglomerative clustering of the class embeddings ({len(names)} most frequent classes)")
+    return fig
 
 
 def kmeans_clusters(class_emb: np.ndarray, k: int) -> np.ndarray:
@@ -183,17 +189,17 @@ def cluster_lists(table: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows).sort_values(["train_pixels", "size"], ascending=False, kind="stable")
 
 
-def run_embeddings(run_dir: str | Path, data: str | Path, out: str | Path, *, images_root=None,
-                   image_id: int | None = None, checkpoint: str = "best", clusters: int = 70,
-                   dendrogram_classes: int = 100, max_points: int = 5000, device: str = "auto",
-                   echo: bool = True, progress: bool = True) -> dict[str, Path]:
-    """Write the embedding analysis of an ESS run, with one image of `data`, into `out`."""
+def embedding_tables(run_dir: Path, data: Path, *, images_root=None, image_id: int | None = None,
+                     checkpoint: str = "best", clusters: int = 70, dendrogram_classes: int = 100, device: str = "auto",
+                     progress: bool = True) -> dict:
+    """Everything the analysis shows, computed: per-class table, clusters, dendrogram leaves, one image embedded."""
+    from scipy.stats import spearmanr
+
     from ess import config as run_config
     from ess.data import load_pair
     from ess.device import pick_device
     from ess.run import load_run
 
-    run_dir, data, out = Path(run_dir), Path(data), Path(out)
     config = run_config.load(run_dir / "config.yaml").to_dict()
     if config.get("head") != "ess":
         raise InputError(run_dir / "config.yaml", f"head is {config.get('head')!r}: `bench embeddings` needs an ESS run "
@@ -203,7 +209,6 @@ def run_embeddings(run_dir: str | Path, data: str | Path, out: str | Path, *, im
     device = pick_device(device)
     run = load_run(run_dir, checkpoint=checkpoint, device=device)
     config = run.config.to_dict()
-    normalize = bool(config.get("normalize", True))
     head = run.model.head
     class_emb = head.class_embeddings().detach().float().cpu().numpy()
     raw = head.embeddings.detach().float().cpu().numpy()
@@ -228,37 +233,27 @@ def run_embeddings(run_dir: str | Path, data: str | Path, out: str | Path, *, im
         raise InputError(dataset.mask_path(record["id"]), "the image has no labelled pixel to project")
     pixels, pred = embed_image(run.model, image, device)
     labelled = mask > 0
-    pixel_acc = float((pred[labelled] == mask[labelled]).mean())
-    present = np.unique(mask[labelled])
 
-    out.mkdir(parents=True, exist_ok=True)
-    names = table["name"].tolist()
-    shown = frequent_classes(table, dendrogram_classes)
-    dendro_fig, leaves = plot_dendrogram(class_emb, shown)
+    tree_ids = frequent_classes(table, dendrogram_classes).index.to_numpy()
+    links, leaves = ward_tree(class_emb, tree_ids)
     leaf_table = pd.DataFrame({"position": np.arange(1, len(leaves) + 1), "id": leaves,
                                "name": table.loc[leaves, "name"].to_numpy(),
                                "train_pixels": table.loc[leaves, "train_pixels"].to_numpy(),
                                "cluster": table.loc[leaves, "cluster"].to_numpy()})
-    cluster_table = cluster_lists(table)
-
-    write_text(out / "clusters.txt", "".join(f"cluster {r.cluster} ({plural(r.size, 'class')}): "
-                                             f"{r.classes.replace('; ', ', ')}\n" for r in cluster_table.itertuples()))
-    title = f"image {record['id']} ({record['file']}), {len(present)} classes"
-    paths = {
-        "embeddings.csv": save_table(table.reset_index(), out / "embeddings.csv"),
-        "clusters.csv": save_table(cluster_table, out / "clusters.csv"),
-        "dendrogram.csv": save_table(leaf_table, out / "dendrogram.csv"),
-        "frequency_length.png": save_figure(plot_frequency_length(table, normalize), out / "frequency_length.png"),
-        "pixels_2d.png": save_figure(plot_pixels_2d(pixels, mask, class_emb, names, max_points, title),
-                                     out / "pixels_2d.png"),
-        "pixels_rgb.png": save_figure(plot_pixels_rgb(image, mask, pca_rgb(pixels), pred, title), out / "pixels_rgb.png"),
-        "dendrogram.png": save_figure(dendro_fig, out / "dendrogram.png"),
-    }
-
-    from scipy.stats import spearmanr
-
     seen = table[table["train_pixels"] > 0]
     rho = spearmanr(seen["train_pixels"], seen["length"]).statistic if len(seen) >= 3 else float("nan")
+    return {"config": config, "normalize": bool(config.get("normalize", True)), "class_emb": class_emb,
+            "table": table, "clusters": cluster_lists(table), "links": links, "tree_names": table.loc[tree_ids, "name"].tolist(),
+            "leaves": leaf_table,
+            "stats_source": stats_source, "record": record, "image": image, "mask": mask, "pixels": pixels,
+            "pred": pred, "pixel_acc": float((pred[labelled] == mask[labelled]).mean()),
+            "present": np.unique(mask[labelled]), "seen": len(seen), "rho": rho}
+
+
+def embeddings_summary(res: dict, run_dir: Path, data: Path, out: Path, *, image_id, checkpoint: str, clusters: int,
+                       dendrogram_classes: int) -> str:
+    table, config, record = res["table"], res["config"], res["record"]
+    num_classes, normalize = len(table), res["normalize"]
     if normalize:
         length_note = ("This run normalises its embeddings (pixels and classes are compared on the unit sphere), so "
                        "the raw length of a class embedding does not affect prediction: the frequency-length plot is "
@@ -266,24 +261,25 @@ def run_embeddings(run_dir: str | Path, data: str | Path, out: str | Path, *, im
     else:
         length_note = ("This run does not normalise its embeddings: a pixel takes the class embedding nearest to it, "
                        "so lengths shape the decision regions, and the plot shows whether training frequency drives them.")
-    shown_clusters = cluster_table.head(10).assign(
+    shown_clusters = res["clusters"].head(10).assign(
         classes=lambda d: [c if c.count("; ") < 8 else "; ".join(c.split("; ")[:8]) + "; ..." for c in d["classes"]])
+    n_leaves = len(res["leaves"])
     lines = [
         f"# Embeddings of the ESS run `{run_dir}`",
         "",
-        f"- run: encoder {config.get('encoder')}, embedding dimension {class_emb.shape[1]}, "
+        f"- run: encoder {config.get('encoder')}, embedding dimension {res['class_emb'].shape[1]}, "
         f"normalize {normalize}, checkpoint {checkpoint}, {num_classes} classes",
-        f"- class frequencies from `{stats_source / 'stats.csv'}`"
-        + (" (the run's training data)" if stats_source != data else ""),
+        f"- class frequencies from `{res['stats_source'] / 'stats.csv'}`"
+        + (" (the run's training data)" if res["stats_source"] != data else ""),
         f"- image: id {record['id']} (`{record['file']}`) of `{data}`, "
         + ("chosen with --image-id" if image_id is not None else "the image with the most classes")
-        + f": {len(present)} classes, pixel accuracy of the prediction {pixel_acc:.1%}",
+        + f": {len(res['present'])} classes, pixel accuracy of the prediction {res['pixel_acc']:.1%}",
         "",
-        f"Frequency against length: Spearman rank correlation {fmt(rho, 3)} over the {len(seen)} classes seen in "
-        f"training. {length_note}",
+        f"Frequency against length: Spearman rank correlation {fmt(res['rho'], 3)} over the {res['seen']} classes "
+        f"seen in training. {length_note}",
         "",
-        f"Dendrogram: Ward linkage of the {len(leaves)} most frequent training classes"
-        + (" (only classes with training pixels)" if len(leaves) < min(dendrogram_classes, num_classes) else "") + ".",
+        f"Dendrogram: Ward linkage of the {n_leaves} most frequent training classes"
+        + (" (only classes with training pixels)" if n_leaves < min(dendrogram_classes, num_classes) else "") + ".",
         "",
         f"k-means: {table['cluster'].nunique()} clusters of the {num_classes} class embeddings "
         f"(k = min(--clusters {clusters}, classes)); the 10 with most training pixels:",
@@ -302,6 +298,41 @@ def run_embeddings(run_dir: str | Path, data: str | Path, out: str | Path, *, im
             "dendrogram.png": "agglomerative clustering of the class embeddings, labelled by class name",
         }),
     ]
-    paths["clusters.txt"] = out / "clusters.txt"
-    paths["summary.md"] = write_summary(out, "\n".join(lines), echo=echo)
+    return "\n".join(lines)
+
+
+def run_embeddings(run_dir: str | Path, data: str | Path, out: str | Path, *, images_root=None,
+                   image_id: int | None = None, checkpoint: str = "best", clusters: int = 70,
+                   dendrogram_classes: int = 100, max_points: int = 5000, device: str = "auto",
+                   echo: bool = True, progress: bool = True) -> dict[str, Path]:
+    """Write the embedding analysis of an ESS run, with one image of `data`, into `out`: tables, figures, summary."""
+    run_dir, data, out = Path(run_dir), Path(data), Path(out)
+    res = embedding_tables(run_dir, data, images_root=images_root, image_id=image_id, checkpoint=checkpoint,
+                           clusters=clusters, dendrogram_classes=dendrogram_classes, device=device, progress=progress)
+    table, cluster_table, leaves = res["table"], res["clusters"], res["leaves"]
+
+    out.mkdir(parents=True, exist_ok=True)
+    write_text(out / "clusters.txt", "".join(f"cluster {r.cluster} ({plural(r.size, 'class')}): "
+                                             f"{r.classes.replace('; ', ', ')}\n" for r in cluster_table.itertuples()))
+    paths = {
+        "embeddings.csv": save_table(table.reset_index(), out / "embeddings.csv"),
+        "clusters.csv": save_table(cluster_table, out / "clusters.csv"),
+        "clusters.txt": out / "clusters.txt",
+        "dendrogram.csv": save_table(leaves, out / "dendrogram.csv"),
+    }
+
+    record = res["record"]
+    title = f"image {record['id']} ({record['file']}), {len(res['present'])} classes"
+    figures = {
+        "frequency_length.png": plot_frequency_length(table, res["normalize"]),
+        "pixels_2d.png": plot_pixels_2d(res["pixels"], res["mask"], res["class_emb"], table["name"].tolist(),
+                                        max_points, title),
+        "pixels_rgb.png": plot_pixels_rgb(res["image"], res["mask"], pca_rgb(res["pixels"]), res["pred"], title),
+        "dendrogram.png": plot_dendrogram(res["links"], res["tree_names"]),
+    }
+    paths.update({name: save_figure(fig, out / name) for name, fig in figures.items()})
+
+    text = embeddings_summary(res, run_dir, data, out, image_id=image_id, checkpoint=checkpoint, clusters=clusters,
+                              dendrogram_classes=dendrogram_classes)
+    paths["summary.md"] = write_summary(out, text, echo=echo)
     return paths

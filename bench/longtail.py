@@ -23,6 +23,28 @@ GROUP_COLORS = {"f": "#1f77b4", "c": "#ff7f0e", "r": "#d62728", "none": "#7f7f7f
 SOURCES = ["lvis", "coco", "both"]
 
 
+def read_stats_csv(path: Path) -> pd.DataFrame:
+    """A build's stats.csv indexed by class id; a missing, unreadable or non-CSV file is one InputError."""
+    if not path.exists():
+        raise InputError(path, "missing: not a `cocolvis build` output")
+    try:
+        stats = pd.read_csv(path, encoding="utf-8")
+    except UnicodeDecodeError:
+        raise InputError(path, "not UTF-8 text") from None
+    except pd.errors.EmptyDataError:
+        raise InputError(path, "empty: expected a CSV table with a header") from None
+    except pd.errors.ParserError as e:
+        raise InputError(path, f"malformed CSV: {' '.join(str(e).split())[:200]}") from None
+    except OSError as e:
+        raise InputError(path, f"cannot read: {e.strerror or e}") from None
+    if "id" not in stats.columns:
+        raise InputError(path, "no `id` column: not a `cocolvis build` stats.csv")
+    ids = pd.to_numeric(stats["id"], errors="coerce")
+    if ids.isna().any():
+        raise InputError(path, f"row {int(ids.isna().to_numpy().argmax()) + 1}: class id must be an integer")
+    return stats.assign(id=ids.astype("int64")).set_index("id")
+
+
 def read_class_stats(data: str | Path) -> pd.DataFrame:
     """One row per class (indexed by id 1..C): classes.json joined with stats.csv, checked.
 
@@ -30,15 +52,16 @@ def read_class_stats(data: str | Path) -> pd.DataFrame:
     """
     ds = BuiltDataset(data)
     path = ds.root / "stats.csv"
-    stats = ds.stats()
+    stats = read_stats_csv(path)
     missing = [c for c in STATS_COLUMNS if c not in stats.columns]
     if missing:
         raise InputError(path, f"missing column(s) {', '.join(missing)}")
     if list(stats.index) != list(range(1, ds.num_classes + 1)):
         raise InputError(path, f"class ids must be 1..{ds.num_classes} in order, as in classes.json")
-    counts = stats[STATS_COLUMNS[1:]]
-    if counts.isna().any().any() or (counts < 0).any().any():
-        bad = int(counts[(counts.isna() | (counts < 0)).any(axis=1)].index[0])
+    counts = stats[STATS_COLUMNS[1:]].apply(pd.to_numeric, errors="coerce")
+    wrong = counts.isna() | (counts < 0) | (counts % 1 != 0)
+    if wrong.any().any():
+        bad = int(counts[wrong.any(axis=1)].index[0])
         raise InputError(path, f"class {bad}: counts must be non-negative integers")
     classes = pd.DataFrame(ds.classes).set_index("id")
     renamed = stats.index[stats["name"] != classes["name"]]
@@ -165,26 +188,8 @@ def plot_overlaps(overlaps: pd.DataFrame):
     return fig
 
 
-def run_longtail(data: str | Path, out: str | Path, echo: bool = True) -> dict[str, Path]:
-    """Write the long-tail tables, figures and summary of one build into `out`."""
-    data, out = Path(data), Path(out)
-    df = read_class_stats(data)
-    stats_path = data / "stats.csv"
-    ranked = ranked_classes(df)
-    groups = group_counts(df)
-    overlaps = overlap_images(df, stats_path)
-
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {
-        "longtail.csv": save_table(ranked, out / "longtail.csv"),
-        "groups.csv": save_table(groups, out / "groups.csv"),
-        "overlaps.csv": save_table(overlaps, out / "overlaps.csv"),
-    }
-    paths["longtail.png"] = save_figure(plot_longtail(ranked, f"Images per class, {data.name} ({len(df)} classes)"),
-                                        out / "longtail.png")
-    paths["wordcloud.png"] = save_figure(plot_wordcloud(ranked, stats_path), out / "wordcloud.png", dpi=100)
-    paths["overlaps.png"] = save_figure(plot_overlaps(overlaps), out / "overlaps.png")
-
+def longtail_summary(data: Path, out: Path, df: pd.DataFrame, ranked: pd.DataFrame, groups: pd.DataFrame,
+                     overlaps: pd.DataFrame) -> str:
     present = ranked[ranked["images"] > 0]
     top, bottom = present.head(1), present.tail(1)
     head_share = ranked["pixels"].head(max(len(ranked) // 10, 1)).sum() / max(ranked["pixels"].sum(), 1)
@@ -225,5 +230,29 @@ def run_longtail(data: str | Path, out: str | Path, echo: bool = True) -> dict[s
             "overlaps.png": "the same as stacked bars",
         }),
     ]
-    paths["summary.md"] = write_summary(out, "\n".join(lines), echo=echo)
+    return "\n".join(lines)
+
+
+def run_longtail(data: str | Path, out: str | Path, echo: bool = True) -> dict[str, Path]:
+    """Write the long-tail tables, figures and summary of one build into `out`."""
+    data, out = Path(data), Path(out)
+    df = read_class_stats(data)
+    stats_path = data / "stats.csv"
+    ranked = ranked_classes(df)
+    groups = group_counts(df)
+    overlaps = overlap_images(df, stats_path)
+
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {
+        "longtail.csv": save_table(ranked, out / "longtail.csv"),
+        "groups.csv": save_table(groups, out / "groups.csv"),
+        "overlaps.csv": save_table(overlaps, out / "overlaps.csv"),
+    }
+    paths["longtail.png"] = save_figure(plot_longtail(ranked, f"Images per class, {data.name} ({len(df)} classes)"),
+                                        out / "longtail.png")
+    paths["wordcloud.png"] = save_figure(plot_wordcloud(ranked, stats_path), out / "wordcloud.png", dpi=100)
+    paths["overlaps.png"] = save_figure(plot_overlaps(overlaps), out / "overlaps.png")
+
+    text = longtail_summary(data, out, df, ranked, groups, overlaps)
+    paths["summary.md"] = write_summary(out, text, echo=echo)
     return paths

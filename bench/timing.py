@@ -290,15 +290,7 @@ def ratios(table: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
-def run_timing(plan: TimingPlan, out: str | Path, echo: bool = True, progress: bool = True) -> dict[str, Path]:
-    """Measure every (C, head) of `plan`, then write timing.csv, timing.png and summary.md into `out`."""
-    out = Path(out)
-    table = time_heads(plan, progress=progress)
-    env = environment(plan)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {"timing.csv": save_table(table, out / "timing.csv"),
-             "timing.png": save_figure(plot_timing(table, plan), out / "timing.png")}
-
+def timing_summary(table: pd.DataFrame, plan: TimingPlan, env: dict[str, str], out: Path) -> str:
     cpu = plan.device == "cpu"
     mem_note = ("CPU: the measuring process's peak resident set size (Linux VmHWM reset after the model and inputs "
                 "were built, elsewhere getrusage ru_maxrss; includes the Python interpreter, torch and the model), and "
@@ -343,5 +335,18 @@ def run_timing(plan: TimingPlan, out: str | Path, echo: bool = True, progress: b
                       "training_s_per_iter, peak and increase MiB of each phase, error (empty when it ran)",
         "timing.png": "time (log) and memory against C (log) for both heads",
     }))
-    paths["summary.md"] = write_summary(out, "\n".join(lines), echo=echo)
+    return "\n".join(lines)
+
+
+def run_timing(plan: TimingPlan, out: str | Path, echo: bool = True, progress: bool = True) -> dict[str, Path]:
+    """Measure every (C, head) of `plan`, then write timing.csv, timing.png and summary.md into `out`."""
+    out = Path(out)
+    table = time_heads(plan, progress=progress)
+    env = environment(plan)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"timing.csv": save_table(table, out / "timing.csv"),
+             "timing.png": save_figure(plot_timing(table, plan), out / "timing.png")}
+
+    text = timing_summary(table, plan, env, out)
+    paths["summary.md"] = write_summary(out, text, echo=echo)
     return paths

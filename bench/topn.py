@@ -5,26 +5,19 @@ rare classes join the mean; the curve shows where along the tail each head gives
 """
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import yaml
 
+from bench.definitions import TOPN_DEFINITION
 from bench.longtail import frequency_order, read_class_stats
 from bench.report import (files_section, fmt, markdown_table, new_figure, plain_log_ticks, save_figure, save_table,
                           write_summary)
 from cocolvis.io import InputError, read_json
 from ess.metrics import per_class_iou
-
-DEFINITION = (
-    "Classes are ordered most frequent first by their training pixels (or images) in the data's stats.csv, "
-    "ties broken by the other count, then by class id. Each class's IoU is TP / (TP + FP + FN) from the full "
-    "C x C confusion matrix of the evaluation (all classes compete in the prediction, not only the top n). "
-    "mIoU@n is the mean of the IoUs of the classes among the top n that are present (in the ground truth or "
-    "the prediction); classes absent from both are skipped, as in the run's overall mIoU, and mIoU@n is empty "
-    "(NaN) when none of the top n is present. So mIoU@C equals metrics.json's miou."
-)
 
 
 def read_eval(eval_dir: str | Path) -> dict:
@@ -39,8 +32,9 @@ def read_eval(eval_dir: str | Path) -> dict:
             confusion = npz["confusion"]
     except KeyError:
         raise InputError(path, "no array named 'confusion'") from None
-    except (OSError, ValueError) as e:
-        raise InputError(path, f"unreadable: {e}") from None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        reason = " ".join(str(e).split())[:200] or type(e).__name__
+        raise InputError(path, f"unreadable (not an .npz archive, or truncated): {reason}") from None
     if confusion.ndim != 2 or confusion.shape[0] != confusion.shape[1]:
         raise InputError(path, f"confusion must be a square matrix, got shape {confusion.shape}")
     if not np.issubdtype(confusion.dtype, np.integer) or (confusion < 0).any():
@@ -76,6 +70,18 @@ def training_data(ev: dict) -> Path:
     return Path(config["data"])
 
 
+def topn_table(stats: pd.DataFrame, by: str, ious: dict[str, np.ndarray]) -> pd.DataFrame:
+    """One row per n: the n-th most frequent class, and per label its IoU and the mIoU over the top n."""
+    ordered = frequency_order(stats, by)
+    order = ordered.index.to_numpy() - 1
+    table = pd.DataFrame({"n": np.arange(1, len(stats) + 1), "id": ordered.index.to_numpy(),
+                          "name": ordered["name"].to_numpy(), f"train_{by}": ordered[by].to_numpy()})
+    for label, iou in ious.items():
+        table[f"iou_{label}"] = iou[order]
+        table[f"miou_{label}"] = topn_miou(iou, order)
+    return table
+
+
 def run_labels(evals: list[dict]) -> list[str]:
     """Each run's head ("ess", "softmax"), with the run's directory name added where heads repeat."""
     heads = [str(ev["metrics"].get("head") or ev["dir"].parent.name) for ev in evals]
@@ -88,9 +94,56 @@ def run_labels(evals: list[dict]) -> list[str]:
     return labels
 
 
+def plot_topn(table: pd.DataFrame, labels: list[str], by: str, title: str):
+    """The curves miou_<label> of a top-n table against n (log x axis), one per label."""
+    num_classes = len(table)
+    fig = new_figure(8, 4.5)
+    ax = fig.add_subplot()
+    for label in labels:
+        ax.plot(table["n"], table[f"miou_{label}"], label=label, linewidth=1.8)
+    ax.set_xscale("log")
+    plain_log_ticks(ax.xaxis)
+    ax.set_xlim(1, max(num_classes, 2))
+    ax.set_ylim(bottom=0)
+    ax.set_xlabel(f"n (the n most frequent classes by training {by})")
+    ax.set_ylabel("mIoU over the top n classes")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    return fig
+
+
 def milestones(num_classes: int) -> list[int]:
     ns = [n for n in (1, 10, 20, 50, 100, 200, 500, 1000) if n < num_classes]
     return ns + [num_classes]
+
+
+def topn_summary(data: Path, out: Path, by: str, table: pd.DataFrame, labels: list[str], evs: list[dict],
+                 ious: list[np.ndarray]) -> str:
+    num_classes = len(table)
+    ns = milestones(num_classes)
+    rows = table.set_index("n").loc[ns, [f"miou_{label}" for label in labels]].reset_index()
+    rows.columns = ["n"] + [f"mIoU@n {label}" for label in labels]
+    checks = []
+    for label, ev, iou in zip(labels, evs, ious):
+        recorded = ev["metrics"].get("miou")
+        checks.append(f"- {label} (`{ev['dir']}`): mIoU@C = {fmt(table[f'miou_{label}'].iloc[-1])}, metrics.json miou = "
+                      f"{fmt(recorded)}; {int((~np.isnan(iou)).sum())} of {num_classes} classes present")
+    return "\n".join([
+        f"# Top-n mIoU, classes ordered by training {by} of `{data}`",
+        "",
+        "Definition: " + TOPN_DEFINITION,
+        "",
+        markdown_table(rows),
+        "",
+        *checks,
+        "",
+        files_section(out, {
+            "topn_miou.csv": f"one row per n: n, the n-th class (id, name, train_{by}), and per run its IoU "
+                             "(iou_<run>) and the mIoU over the top n (miou_<run>)",
+            "topn_miou.png": "mIoU over the top n classes against n (log x axis), one curve per run",
+        }),
+    ])
 
 
 def run_topn(evals: list[str | Path], out: str | Path, data: str | Path | None = None, by: str = "pixels",
@@ -115,58 +168,15 @@ def run_topn(evals: list[str | Path], out: str | Path, data: str | Path | None =
             raise InputError(ev["dir"] / "confusion.npz", f"{ev['confusion'].shape[0]} classes, but {data / 'stats.csv'} "
                              f"has {num_classes}")
     labels = run_labels(evs)
-    ordered = frequency_order(stats, by)
-    order = ordered.index.to_numpy() - 1
-
-    table = pd.DataFrame({"n": np.arange(1, num_classes + 1), "id": ordered.index.to_numpy(),
-                          "name": ordered["name"].to_numpy(), f"train_{by}": ordered[by].to_numpy()})
-    ious = []
-    for label, ev in zip(labels, evs):
-        iou = per_class_iou(ev["confusion"])
-        ious.append(iou)
-        table[f"iou_{label}"] = iou[order]
-        table[f"miou_{label}"] = topn_miou(iou, order)
+    ious = [per_class_iou(ev["confusion"]) for ev in evs]
+    table = topn_table(stats, by, dict(zip(labels, ious)))
 
     out.mkdir(parents=True, exist_ok=True)
     paths = {"topn_miou.csv": save_table(table, out / "topn_miou.csv")}
 
-    fig = new_figure(8, 4.5)
-    ax = fig.add_subplot()
-    for label in labels:
-        ax.plot(table["n"], table[f"miou_{label}"], label=label, linewidth=1.8)
-    ax.set_xscale("log")
-    plain_log_ticks(ax.xaxis)
-    ax.set_xlim(1, max(num_classes, 2))
-    ax.set_ylim(bottom=0)
-    ax.set_xlabel(f"n (the n most frequent classes by training {by})")
-    ax.set_ylabel("mIoU over the top n classes")
-    ax.set_title(f"Top-n mIoU, {num_classes} classes ordered by {data.name} {by}")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
-    paths["topn_miou.png"] = save_figure(fig, out / "topn_miou.png")
+    title = f"Top-n mIoU, {num_classes} classes ordered by {data.name} {by}"
+    paths["topn_miou.png"] = save_figure(plot_topn(table, labels, by, title), out / "topn_miou.png")
 
-    ns = milestones(num_classes)
-    rows = table.set_index("n").loc[ns, [f"miou_{label}" for label in labels]].reset_index()
-    rows.columns = ["n"] + [f"mIoU@n {label}" for label in labels]
-    checks = []
-    for label, ev, iou in zip(labels, evs, ious):
-        recorded = ev["metrics"].get("miou")
-        checks.append(f"- {label} (`{ev['dir']}`): mIoU@C = {fmt(table[f'miou_{label}'].iloc[-1])}, metrics.json miou = "
-                      f"{fmt(recorded)}; {int((~np.isnan(iou)).sum())} of {num_classes} classes present")
-    text = "\n".join([
-        f"# Top-n mIoU, classes ordered by training {by} of `{data}`",
-        "",
-        "Definition: " + DEFINITION,
-        "",
-        markdown_table(rows),
-        "",
-        *checks,
-        "",
-        files_section(out, {
-            "topn_miou.csv": f"one row per n: n, the n-th class (id, name, train_{by}), and per run its IoU "
-                             "(iou_<run>) and the mIoU over the top n (miou_<run>)",
-            "topn_miou.png": "mIoU over the top n classes against n (log x axis), one curve per run",
-        }),
-    ])
+    text = topn_summary(data, out, by, table, labels, evs, ious)
     paths["summary.md"] = write_summary(out, text, echo=echo)
     return paths

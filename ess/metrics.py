@@ -1,24 +1,29 @@
 """Streaming confusion matrix and the segmentation metrics derived from it.
 
 Class id i (1..C) lives at row/column i-1; rows are ground truth, columns prediction.
-Unlabeled pixels (0) are never counted.
+Unlabeled pixels (0) are never counted. The metrics are numpy only; torch is imported
+by the streaming ConfusionMatrix alone, so analyses of saved confusion matrices
+(`bench`) do not load it.
 """
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 
 class ConfusionMatrix:
     """Accumulates a C x C int64 confusion matrix and per-class image counts, batch by batch."""
 
     def __init__(self, num_classes: int):
+        import torch
+
         self.num_classes = num_classes
         self.matrix = torch.zeros(num_classes * num_classes, dtype=torch.int64)
         self.gt_images = np.zeros(num_classes, dtype=np.int64)
 
-    def update(self, pred: torch.Tensor, gt: torch.Tensor) -> None:
-        """Add one batch: `pred` and `gt` of equal shape, ids 1..C (gt 0 = unlabeled, skipped)."""
+    def update(self, pred, gt) -> None:
+        """Add one batch: `pred` and `gt` (tensors) of equal shape, ids 1..C (gt 0 = unlabeled, skipped)."""
+        import torch
+
         c = self.num_classes
         gt = torch.as_tensor(gt).long()
         pred = torch.as_tensor(pred).long().to(gt.device)

@@ -144,6 +144,7 @@ def test_notebook_runs_on_outputs(bench_dir, monkeypatch):
     nb = nbformat.read(NOTEBOOK, as_version=4)
     assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), "store the notebook without outputs"
     monkeypatch.setenv("BENCH_DIR", str(bench_dir))
+    monkeypatch.delenv("STUDY_DIR", raising=False)
     NotebookClient(nb, timeout=120, kernel_name="python3",
                    resources={"metadata": {"path": str(NOTEBOOK.parent)}}).execute()
     images = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if "image/png" in o.get("data", {})]

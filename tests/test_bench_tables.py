@@ -206,3 +206,73 @@ def test_topn_missing_run_config(build, tmp_path):
     (ev.parent / "config.yaml").unlink()
     result = CliRunner().invoke(main, ["topn-miou", "--eval", str(ev), "--out", str(tmp_path / "o")])
     assert result.exit_code == 1 and "config.yaml: missing" in result.output and "--data" in result.output
+
+
+@pytest.mark.parametrize("content,message", [
+    (b"\x00\xff\xfe not text \x89PNG", "not UTF-8 text"),
+    (b"", "empty"),
+    (b'id,name\n1,"unterminated\n', "malformed CSV"),
+    (b"a,b\n1,2\n", "no `id` column"),
+    (b"id,name,pixels,images,lvis_pixels,coco_pixels,lvis_images,coco_images\nx,cat,1,1,1,0,1,0\n", "row 1: class id"),
+    (None, "class 2: counts must be non-negative integers"),  # a word among the counts
+])
+def test_longtail_garbage_stats_is_one_line_error(build, tmp_path, content, message):
+    if content is None:
+        text = (build / "stats.csv").read_text().splitlines()
+        text[2] = text[2].replace(",900,", ",many,")
+        content = "\n".join(text).encode()
+    (build / "stats.csv").write_bytes(content)
+    out = tmp_path / "lt"
+    result = CliRunner().invoke(main, ["longtail", "--data", str(build), "--out", str(out)])
+    assert result.exit_code == 1 and not isinstance(result.exception, (KeyError, ValueError, TypeError))
+    assert result.output.startswith(f"Error: {build / 'stats.csv'}: ") and message in result.output
+    assert len(result.output.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("content", [b"garbage", b"PK\x03\x04 cut short", b""])
+def test_topn_corrupt_confusion_is_one_line_error(build, tmp_path, content):
+    ev = write_eval(tmp_path / "run", build, "ess", CONFUSION)
+    (ev / "confusion.npz").write_bytes(content)
+    out = tmp_path / "topn"
+    result = CliRunner().invoke(main, ["topn-miou", "--eval", str(ev), "--out", str(out)])
+    assert result.exit_code == 1
+    assert result.output.startswith(f"Error: {ev / 'confusion.npz'}: unreadable")
+    assert len(result.output.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_help_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = "import bench.cli, sys; assert 'torch' not in sys.modules, 'bench.cli imports torch'"
+    subprocess.run([sys.executable, "-c", code], check=True)
+    result = CliRunner().invoke(main, ["--help"])
+    assert result.exit_code == 0 and "topn-miou" in result.output
+
+
+def test_compare_groups_by_hand(build, tmp_path):
+    softmax = write_eval(tmp_path / "softmax", build, "softmax", CONFUSION)
+    ess = write_eval(tmp_path / "ess", build, "ess", np.diag([10, 10, 4, 7, 0, 0]).astype(np.int64))
+    out = tmp_path / "cmp"
+    result = CliRunner().invoke(main, ["compare", "--eval", str(softmax), "--eval", str(ess), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    table = pd.read_csv(out / "compare.csv").set_index("run")
+    row = table.loc["softmax"]
+    # 6 classes: all are in the top 50, so the tail is empty; zebra (5) is absent from both.
+    assert row["miou"] == pytest.approx(np.nanmean([IOU[i] for i in range(1, 7)]))
+    assert row["miou_top50"] == pytest.approx(row["miou"]) and np.isnan(row["miou_tail"])
+    assert row["miou_lvis_f"] == pytest.approx(IOU[1])                     # cat
+    assert row["miou_lvis_c"] == pytest.approx((IOU[3] + IOU[6]) / 2)      # grass (both), unicorn
+    assert row["miou_lvis_r"] == pytest.approx(IOU[2])                     # sky (both); zebra absent
+    assert row["miou_stuff"] == pytest.approx((IOU[2] + IOU[3] + IOU[4]) / 3)  # sky, grass (both), wall
+    assert row["classes_present"] == 5 and table.loc["ess", "miou"] == pytest.approx(1.0)
+    wins = pd.read_csv(out / "winners.csv").set_index("group")
+    assert wins.at["miou", "winner"] == "ess" and wins.at["miou", "difference"] == pytest.approx(1 - row["miou"])
+    assert pd.isna(wins.at["miou_tail", "winner"])
+    assert "Winner: **ess**, mIoU 1 vs" in result.output and "it wins on all classes" in result.output
+    assert "- LVIS rare (miou_lvis_r): **ess** 1 vs 0.75 (+0.25, 1.33x)" in result.output
+
+    one = CliRunner().invoke(main, ["compare", "--eval", str(softmax), "--out", str(tmp_path / "one")])
+    assert one.exit_code == 1 and "at least two --eval" in one.output

@@ -1,0 +1,179 @@
+"""`bench compare`: evaluated runs side by side by class group, and which run wins each group.
+
+The group mIoUs (bench.definitions.GROUP_DEFINITION) are computed here for `bench study`
+too: from each evaluation's confusion matrix with ess.metrics.per_class_iou, against the
+class frequencies and LVIS groups of the training build.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from bench.definitions import GROUP_DEFINITION, TOP
+from bench.longtail import frequency_order, read_class_stats
+from bench.report import files_section, fmt, markdown_table, save_table, write_summary
+from bench.topn import read_eval, run_labels, training_data
+from cocolvis.io import InputError
+from ess.metrics import per_class_iou
+
+GROUP_COLUMNS = ("miou", "miou_top50", "miou_tail", "miou_lvis_f", "miou_lvis_c", "miou_lvis_r", "miou_stuff")
+GROUP_NAMES = {"miou": "all classes", "miou_top50": f"the {TOP} most frequent classes", "miou_tail": "the tail",
+               "miou_lvis_f": "LVIS frequent", "miou_lvis_c": "LVIS common", "miou_lvis_r": "LVIS rare",
+               "miou_stuff": "stuff", "pixel_acc": "pixel accuracy"}
+ROW_COLUMNS = ("run", "head", *GROUP_COLUMNS, "pixel_acc", "classes_present", "iters", "train_seconds")
+
+
+def class_groups(stats: pd.DataFrame) -> dict[str, np.ndarray]:
+    """column -> boolean mask over class indices 0..C-1 (see GROUP_DEFINITION)."""
+    ranked = frequency_order(stats, "pixels").index.to_numpy() - 1
+    top = np.zeros(len(stats), dtype=bool)
+    top[ranked[:TOP]] = True
+    group, source = stats["group"].to_numpy(), stats["source"].to_numpy()
+    return {
+        "miou": np.ones(len(stats), dtype=bool),
+        "miou_top50": top,
+        "miou_tail": ~top,
+        "miou_lvis_f": group == "f",
+        "miou_lvis_c": group == "c",
+        "miou_lvis_r": group == "r",
+        "miou_stuff": np.isin(source, ("coco", "both")),
+    }
+
+
+def group_miou(iou: np.ndarray, members: np.ndarray) -> float:
+    """Mean IoU over the member classes present (IoU not NaN); NaN when none is."""
+    values = iou[members]
+    values = values[~np.isnan(values)]
+    return float(values.mean()) if values.size else float("nan")
+
+
+def read_csv_log(path: Path) -> pd.DataFrame:
+    """A run's log.csv or val.csv."""
+    try:
+        return pd.read_csv(path)
+    except FileNotFoundError:
+        raise InputError(path, "missing: not a finished `ess train` run") from None
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        raise InputError(path, f"unreadable CSV: {' '.join(str(e).split())[:200]}") from None
+
+
+def training_record(run: Path) -> tuple[int, float]:
+    """(iterations done, training seconds) from the last row of RUN/log.csv; (0, NaN) without a log."""
+    if not (run / "log.csv").exists():
+        return 0, float("nan")
+    log = read_csv_log(run / "log.csv")
+    if log.empty or not {"iteration", "seconds"} <= set(log.columns):
+        raise InputError(run / "log.csv", "no training rows")
+    last = log.iloc[-1]
+    return int(last["iteration"]), float(last["seconds"])
+
+
+def evaluation_rows(evals: dict[str, Path], stats: pd.DataFrame, stats_path: Path) -> tuple[pd.DataFrame, dict]:
+    """One row per labelled `ess eval` directory (ROW_COLUMNS), and label -> per-class IoU."""
+    groups = class_groups(stats)
+    rows, ious = [], {}
+    for label, eval_dir in evals.items():
+        ev = read_eval(eval_dir)
+        if ev["confusion"].shape[0] != len(stats):
+            raise InputError(ev["dir"] / "confusion.npz", f"{ev['confusion'].shape[0]} classes, but {stats_path} "
+                                                          f"has {len(stats)}")
+        iou = per_class_iou(ev["confusion"])
+        ious[label] = iou
+        run = Path(ev["metrics"]["run"]) if ev["metrics"].get("run") else Path(eval_dir).parent
+        iters, seconds = training_record(run)
+        rows.append({"run": label, "head": ev["metrics"].get("head"),
+                     **{col: group_miou(iou, members) for col, members in groups.items()},
+                     "pixel_acc": ev["metrics"].get("pixel_acc"), "classes_present": int((~np.isnan(iou)).sum()),
+                     "iters": iters, "train_seconds": round(seconds, 1)})
+    return pd.DataFrame(rows, columns=list(ROW_COLUMNS)), ious
+
+
+def winners(table: pd.DataFrame) -> pd.DataFrame:
+    """Per group column: the best run, its value, the runner-up's, the difference and the ratio."""
+    rows = []
+    for column in (*GROUP_COLUMNS, "pixel_acc"):
+        values = table.set_index("run")[column].astype(float).dropna().sort_values(ascending=False, kind="stable")
+        if len(values) < 2:
+            rows.append({"group": column, "winner": None, "best": np.nan, "runner_up": np.nan})
+            continue
+        tie = values.iloc[0] == values.iloc[1]
+        rows.append({"group": column, "winner": "tie" if tie else values.index[0], "best": values.iloc[0],
+                     "runner_up": values.iloc[1]})
+    out = pd.DataFrame(rows)
+    out["difference"] = out["best"] - out["runner_up"]
+    out["ratio"] = np.where(out["runner_up"] > 0, out["best"] / out["runner_up"].where(out["runner_up"] > 0), np.nan)
+    return out
+
+
+def winner_lines(wins: pd.DataFrame) -> list[str]:
+    """Plain sentences: who won overall, by how much, and on which classes."""
+    lines = []
+    for r in wins.itertuples():
+        what = GROUP_NAMES[r.group]
+        if r.winner is None:
+            lines.append(f"- {what} ({r.group}): no comparison (fewer than two runs have these classes)")
+        elif r.winner == "tie":
+            lines.append(f"- {what} ({r.group}): a tie at {fmt(r.best)}")
+        else:
+            ratio = f", {r.ratio:.2f}x" if not math.isnan(r.ratio) else ""
+            lines.append(f"- {what} ({r.group}): **{r.winner}** {fmt(r.best)} vs {fmt(r.runner_up)} "
+                         f"(+{fmt(r.difference, 3)}{ratio})")
+    return lines
+
+
+def headline(wins: pd.DataFrame) -> str:
+    overall = wins.set_index("group").loc["miou"]
+    if overall["winner"] in (None, "tie"):
+        return "No run wins on mIoU." if overall["winner"] is None else f"A tie on mIoU ({fmt(overall['best'])})."
+    decided = wins[wins["group"].isin(GROUP_COLUMNS) & ~wins["winner"].isin([None, "tie"])]
+    won = decided[decided["winner"] == overall["winner"]]["group"].map(GROUP_NAMES).tolist()
+    lost = decided[decided["winner"] != overall["winner"]]
+    lost_text = ("; it loses on " + ", ".join(f"{GROUP_NAMES[g]} (to {w})" for g, w in zip(lost["group"], lost["winner"]))
+                 if len(lost) else "")
+    ratio = f", {overall['ratio']:.2f}x" if not math.isnan(overall["ratio"]) else ""
+    return (f"Winner: **{overall['winner']}**, mIoU {fmt(overall['best'])} vs {fmt(overall['runner_up'])} "
+            f"(+{fmt(overall['difference'], 3)}{ratio}); it wins on {', '.join(won)}{lost_text}.")
+
+
+def run_compare(evals: list[str | Path], out: str | Path, data: str | Path | None = None,
+                echo: bool = True) -> dict[str, Path]:
+    """Compute the group table of the evaluations, then write compare.csv, winners.csv and summary.md."""
+    if len(evals) < 2:
+        raise InputError(None, "give at least two --eval directories to compare")
+    evs = [read_eval(e) for e in evals]
+    if data is None:
+        found = {training_data(ev) for ev in evs}
+        if len(found) > 1:
+            raise InputError(evs[0]["dir"] / "metrics.json", "the runs were trained on different data: pass --data")
+        data = found.pop()
+    data, out = Path(data), Path(out)
+    stats = read_class_stats(data)
+    labels = run_labels(evs)
+    table, _ = evaluation_rows(dict(zip(labels, evals)), stats, data / "stats.csv")
+    wins = winners(table)
+
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"compare.csv": save_table(table, out / "compare.csv"), "winners.csv": save_table(wins, out / "winners.csv")}
+    shown = table.set_index("run")[[*GROUP_COLUMNS, "pixel_acc", "classes_present", "iters", "train_seconds"]].T
+    shown = shown.rename_axis("metric").reset_index()
+    text = "\n".join([
+        f"# Comparison of {', '.join(labels)} (classes of `{data}`)",
+        "",
+        headline(wins),
+        "",
+        markdown_table(shown),
+        "",
+        "Best run per group (difference to the runner-up, and their ratio):",
+        "",
+        *winner_lines(wins),
+        "",
+        "Groups: " + GROUP_DEFINITION,
+        "",
+        files_section(out, {"compare.csv": "one row per run: " + ", ".join(ROW_COLUMNS),
+                            "winners.csv": "per group: winner, best, runner_up, difference, ratio"}),
+    ])
+    paths["summary.md"] = write_summary(out, text, echo=echo)
+    return paths

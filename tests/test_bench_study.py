@@ -1,0 +1,133 @@
+"""`bench study` end to end on a tiny budget: two variants, a few iterations, an interruption and --resume."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from bench.cli import main
+from bench.definitions import VARIANTS
+from bench.study import STUDY_COLUMNS, available_variants, claims
+from test_bench_tables import assert_png
+
+ITERS = 4
+TINY = {"crop": 64, "batch": 2, "ckpt_every": 2, "val_every": 2, "device": "cpu"}
+
+
+def study_args(built_train: Path, built_val: Path, out: Path, config: Path, *extra) -> list[str]:
+    return ["study", "--data", str(built_train), "--val-data", str(built_val), "--out", str(out),
+            "--variants", "softmax,ess", "--iters", str(ITERS), "--config", str(config), "--quiet", *extra]
+
+
+def test_study_interrupted_then_resumed(built_train, built_val, tmp_path, monkeypatch):
+    import ess.train
+
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(TINY))
+    out = tmp_path / "study"
+    real_train = ess.train.train
+    calls = []
+
+    def interrupted(cfg, run, resume=False, stop_after=None, progress=True):
+        """Ctrl-C in the ess variant, right after its checkpoint at iteration 2."""
+        calls.append((Path(run).name, resume))
+        if Path(run).name == "ess":
+            real_train(cfg, run, resume=resume, stop_after=2, progress=progress)
+            raise KeyboardInterrupt
+        return real_train(cfg, run, resume=resume, stop_after=stop_after, progress=progress)
+
+    monkeypatch.setattr(ess.train, "train", interrupted)
+    first = CliRunner().invoke(main, study_args(built_train, built_val, out, config))
+    assert first.exit_code == 130, first.output
+    runs = out / "runs"
+    assert (runs / "softmax" / "eval" / "metrics.json").exists()
+    assert (runs / "ess" / "last.pt").exists() and not (runs / "ess" / "eval").exists()
+    assert not (out / "study.csv").exists()
+    finished = {p: p.stat().st_mtime_ns for p in (runs / "softmax").rglob("*") if p.is_file()}
+
+    # Without --resume the study refuses to overwrite; with other settings it refuses to mix them.
+    again = CliRunner().invoke(main, study_args(built_train, built_val, out, config))
+    assert again.exit_code == 1 and "pass --resume" in again.output and len(again.output.strip().splitlines()) == 1
+    longer = CliRunner().invoke(main, study_args(built_train, built_val, out, config, "--resume")[:-1]
+                                + ["--iters", "6", "--resume"])
+    assert longer.exit_code == 1 and "config.yaml: this run was started with other settings (iters: 4 -> 6" in longer.output
+
+    calls.clear()
+    monkeypatch.setattr(ess.train, "train", lambda cfg, run, **kw: calls.append((Path(run).name, kw["resume"]))
+                        or real_train(cfg, run, **kw))
+    resumed = CliRunner().invoke(main, study_args(built_train, built_val, out, config, "--resume"))
+    assert resumed.exit_code == 0, resumed.output + repr(resumed.exception)
+    assert calls == [("ess", True)]  # the finished variant is not trained again
+    assert {p: p.stat().st_mtime_ns for p in finished} == finished
+    log = pd.read_csv(runs / "ess" / "log.csv")
+    assert log["iteration"].tolist() == list(range(1, ITERS + 1))
+
+    study = pd.read_csv(out / "study.csv")
+    assert list(study.columns) == list(STUDY_COLUMNS)
+    assert study["variant"].tolist() == ["softmax", "ess"] and study["head"].tolist() == ["softmax", "ess"]
+    assert (study["iters"] == ITERS).all() and (study["train_seconds"] > 0).all()
+    stats = pd.read_csv(built_train / "stats.csv").set_index("id")
+    top = stats.sort_values(["pixels", "images"], ascending=False, kind="stable").index[:50]
+    for row in study.itertuples():
+        metrics = json.loads((runs / row.variant / "eval" / "metrics.json").read_text())
+        per_class = pd.read_csv(runs / row.variant / "eval" / "per_class.csv").set_index("id")
+        assert row.miou == pytest.approx(metrics["miou"]) and row.pixel_acc == pytest.approx(metrics["pixel_acc"])
+        assert row.classes_present == metrics["classes_present"]
+        iou = per_class["iou"]  # empty (NaN) where the class is absent from both
+        expected = {
+            "miou_top50": iou[iou.index.isin(top)].mean(),
+            "miou_tail": iou[~iou.index.isin(top)].mean(),
+            "miou_lvis_r": iou[per_class["frequency"] == "r"].mean(),
+            "miou_stuff": iou[per_class["source"].isin(["coco", "both"])].mean(),
+        }
+        for column, value in expected.items():
+            assert getattr(row, column) == pytest.approx(value, nan_ok=True), column
+        config_saved = yaml.safe_load((runs / row.variant / "config.yaml").read_text())
+        assert config_saved["iters"] == ITERS and config_saved["crop"] == TINY["crop"]
+
+    curve = pd.read_csv(out / "learning_curve.csv")
+    assert sorted(zip(curve["variant"], curve["iteration"])) == sorted(
+        (v, i) for v in ("softmax", "ess") for i in range(TINY["val_every"], ITERS + 1, TINY["val_every"]))
+    topn = pd.read_csv(out / "topn_miou.csv")
+    for row in study.itertuples():
+        assert topn[f"miou_{row.variant}"].iloc[-1] == pytest.approx(row.miou)
+    summary = (out / "study.md").read_text()
+    assert "| variant |" in summary and summary.count("reproduced**") + summary.count("not measured**") == 5
+    assert summary.strip() in resumed.output
+    for name in ("topn_miou.png", "learning_curve.png"):
+        assert_png(out / name)
+
+
+def test_variants_change_only_model_options():
+    from ess.config import KEYS
+    from ess.model import ModelArgs
+
+    model_options = set(ModelArgs.__dataclass_fields__)
+    for name, options in VARIANTS.items():
+        assert set(options) <= model_options | ({"knn_stride"} - set(KEYS)), name  # never the schedule or data
+    offered = available_variants()
+    assert offered[:7] == ["softmax", "ess", "ess-random", "ess-no-norm", "ess-no-reg", "softmax-gn", "ess-gn"]
+    assert ("ess-stride4" in offered) == ("knn_stride" in KEYS)
+
+
+def test_bad_variant_is_one_line(built_train, built_val, tmp_path):
+    result = CliRunner().invoke(main, ["study", "--data", str(built_train), "--val-data", str(built_val),
+                                       "--out", str(tmp_path / "s"), "--variants", "ess,ess-fast"])
+    assert result.exit_code == 1
+    assert result.output.startswith("Error: --variants: unknown variant 'ess-fast'; available: softmax, ess")
+    assert not (tmp_path / "s").exists()
+
+
+def test_claims_verdicts():
+    table = pd.DataFrame({"variant": ["softmax", "ess", "ess-random", "ess-no-norm"],
+                          "miou": [0.10, 0.12, 0.05, 0.12], "miou_tail": [0.02, 0.03, 0.0, 0.01]})
+    verdicts = {c["claim"]: c["verdict"] for c in claims(table)}
+    assert list(verdicts.values()) == ["reproduced", "reproduced", "not reproduced", "not reproduced", "not measured"]
+    assert "ess 0.12 vs softmax 0.1, ratio 1.20" in claims(table)[0]["numbers"]
+    nan = claims(table.assign(miou=[np.nan, 0.1, 0.1, 0.1]))[0]
+    assert nan["verdict"] == "not measured"
