@@ -247,10 +247,19 @@ class BuiltDataset:
         return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
     def stats(self):
-        """stats.csv as a pandas DataFrame indexed by class id (see `read_stats`)."""
+        """stats.csv as a pandas DataFrame indexed by class id (its other columns are the caller's to check)."""
         import pandas as pd
 
-        return pd.DataFrame(read_stats(self.root / "stats.csv")).set_index("id")
+        path = self.root / "stats.csv"
+        if not path.exists():
+            raise InputError(path, "missing: not a `cocolvis build` output")
+        try:
+            stats = pd.read_csv(path)
+        except (ValueError, OSError, UnicodeDecodeError) as e:  # pandas' parser errors are ValueErrors
+            raise InputError(path, f"unreadable CSV: {e}") from None
+        if "id" not in stats.columns:
+            raise InputError(path, "missing column(s) id")
+        return stats.set_index("id")
 
 
 def read_stats(path: Path) -> dict[str, np.ndarray]:

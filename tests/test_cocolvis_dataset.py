@@ -67,13 +67,17 @@ def test_missing_and_corrupt_masks_and_images(built_train, tmp_path):
 
 def test_stats_with_other_columns(built_train, tmp_path):
     data = _copy(built_train, tmp_path)
+    from cocolvis.dataset import read_stats
+
     (data / "stats.csv").write_text("a,b\n1,2\n")
-    with pytest.raises(InputError, match="expected the columns"):
+    with pytest.raises(InputError, match="missing column"):
         BuiltDataset(data).stats()
+    with pytest.raises(InputError, match="expected the columns"):
+        read_stats(data / "stats.csv")
     (data / "stats.csv").write_text("id,name,pixels,images,lvis_pixels,coco_pixels,lvis_images,coco_images\n"
                                     "1,x,nan,1,1,1,1,1\n")
     with pytest.raises(InputError, match="non-negative integers"):
-        BuiltDataset(data).stats()
+        read_stats(data / "stats.csv")
 
 
 def _ess(*args) -> subprocess.CompletedProcess:
