@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from cocolvis.dataset import BuiltDataset
 from cocolvis.errors import OneLineError
-from cocolvis.io import InputError, atomic_open, write_json
+from cocolvis.io import InputError, atomic_open, remove_stale_temporaries, write_json
 from ess import config as cfg
 from ess import distributed
 from ess.checkpoint import load_checkpoint, load_weights, save_checkpoint
@@ -172,6 +172,8 @@ def train(config: Config, out: str | Path, resume: bool = False, stop_after: int
         if not resume and (out / "last.pt").exists():
             raise InputError(out, "already holds a run (last.pt): pass --resume to continue it, or another --out")
         fresh = not out.exists()
+        if not fresh and distributed.is_main():
+            remove_stale_temporaries(out)  # of a checkpoint save that was killed
         try:
             return _train(config, out, device, resume, stop_after, progress)
         except BaseException:

@@ -85,6 +85,15 @@ def test_train_command_stops_and_resumes(built_train, built_val, tmp_path):
     assert val["iteration"].tolist() == [2] and 0 <= val["miou"][0] <= 1
 
 
+def test_resume_removes_the_temporary_of_a_killed_save(built_train, tmp_path):
+    config = small_config(built_train, iters=4, ckpt_every=2)
+    train(config, tmp_path / "run", stop_after=2, progress=False)
+    stale = tmp_path / "run" / ".last.pt.abcd1234.pt.tmp"  # what atomic_path leaves when killed mid-save
+    stale.write_bytes(b"partial")
+    train(config, tmp_path / "run", resume=True, progress=False)
+    assert not stale.exists() and load_checkpoint(tmp_path / "run" / "last.pt")["iteration"] == 4
+
+
 def test_a_run_is_not_overwritten_without_resume(built_train, tmp_path):
     config = small_config(built_train, iters=2)
     train(config, tmp_path / "run", progress=False)
