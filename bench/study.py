@@ -170,6 +170,8 @@ def claims(study: pd.DataFrame) -> list[dict]:
         x, y = value(a, column), value(b, column)
         if math.isnan(x) or math.isnan(y):
             verdict, numbers = "not measured", f"needs variants {a} and {b} with present classes"
+        elif x == 0 and y == 0:  # 0 >= 1.5 x 0 holds, but says nothing
+            verdict, numbers = "not measurable", f"{a} and {b} are both 0"
         else:
             ok = x >= factor * y if op == ">=" else x > factor * y
             verdict = "reproduced" if ok else "not reproduced"

@@ -97,7 +97,7 @@ def test_study_interrupted_then_resumed(built_train, built_val, tmp_path, monkey
     for row in study.itertuples():
         assert topn[f"miou_{row.variant}"].iloc[-1] == pytest.approx(row.miou)
     summary = (out / "study.md").read_text()
-    assert "| variant |" in summary and summary.count("reproduced**") + summary.count("not measured**") == 5
+    assert "| variant |" in summary and summary.count("reproduced**") + summary.count("not measure") == 5
     assert summary.strip() in resumed.output
     for name in ("topn_miou.png", "learning_curve.png"):
         assert_png(out / name)
@@ -131,3 +131,5 @@ def test_claims_verdicts():
     assert "ess 0.12 vs softmax 0.1, ratio 1.20" in claims(table)[0]["numbers"]
     nan = claims(table.assign(miou=[np.nan, 0.1, 0.1, 0.1]))[0]
     assert nan["verdict"] == "not measured"
+    zero = claims(table.assign(miou_tail=[0.0, 0.0, 0.0, 0.0]))[1]  # 0 >= 1.5 x 0 says nothing
+    assert zero["verdict"] == "not measurable" and zero["numbers"] == "ess and softmax are both 0"
