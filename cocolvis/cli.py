@@ -7,7 +7,6 @@ from pathlib import Path
 import click
 
 from cocolvis.errors import CommandGroup
-
 from cocolvis.io import InputError
 
 

@@ -7,7 +7,6 @@ from pathlib import Path
 import click
 
 from cocolvis.errors import CommandGroup
-
 from cocolvis.io import InputError, read_json
 from ess import config as cfg
 from ess.options import click_options
