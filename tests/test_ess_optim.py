@@ -15,7 +15,7 @@ def ess_model_and_config(**options):
 
 
 def test_class_embeddings_get_their_own_learning_rate():
-    model, config = ess_model_and_config(lr=0.02, embed_lr_mult=10.0)
+    model, config = ess_model_and_config(lr=0.02, embed_lr_mult=10.0, embed_optimizer="sgd")
     groups = {g["name"]: g for g in make_optimizer(model, config.train).param_groups}
     assert groups["class_embeddings"]["base_lr"] == pytest.approx(0.2)
     assert groups["decoder"]["base_lr"] == pytest.approx(0.02)
