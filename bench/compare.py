@@ -113,7 +113,7 @@ def winner_lines(wins: pd.DataFrame) -> list[str]:
     lines = []
     for r in wins.itertuples():
         what = GROUP_NAMES[r.group]
-        if r.winner is None:
+        if not isinstance(r.winner, str):  # None (pandas may hold it as NaN)
             lines.append(f"- {what} ({r.group}): no comparison (fewer than two runs have these classes)")
         elif r.winner == "tie":
             lines.append(f"- {what} ({r.group}): a tie at {fmt(r.best)}")
@@ -126,9 +126,11 @@ def winner_lines(wins: pd.DataFrame) -> list[str]:
 
 def headline(wins: pd.DataFrame) -> str:
     overall = wins.set_index("group").loc["miou"]
-    if overall["winner"] in (None, "tie"):
-        return "No run wins on mIoU." if overall["winner"] is None else f"A tie on mIoU ({fmt(overall['best'])})."
-    decided = wins[wins["group"].isin(GROUP_COLUMNS) & ~wins["winner"].isin([None, "tie"])]
+    if not isinstance(overall["winner"], str):
+        return "No run wins on mIoU."
+    if overall["winner"] == "tie":
+        return f"A tie on mIoU ({fmt(overall['best'])})."
+    decided = wins[wins["group"].isin(GROUP_COLUMNS) & wins["winner"].map(lambda w: isinstance(w, str) and w != "tie")]
     won = decided[decided["winner"] == overall["winner"]]["group"].map(GROUP_NAMES).tolist()
     lost = decided[decided["winner"] != overall["winner"]]
     lost_text = ("; it loses on " + ", ".join(f"{GROUP_NAMES[g]} (to {w})" for g, w in zip(lost["group"], lost["winner"]))
