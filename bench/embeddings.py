@@ -208,7 +208,6 @@ def embedding_tables(run_dir: Path, data: Path, *, images_root=None, image_id: i
     record = find_image(dataset, image_id) if image_id is not None else None
     device = pick_device(device)
     run = load_run(run_dir, checkpoint=checkpoint, device=device)
-    config = run.config.to_dict()
     head = run.model.head
     class_emb = head.class_embeddings().detach().float().cpu().numpy()
     raw = head.embeddings.detach().float().cpu().numpy()

@@ -303,7 +303,7 @@ def write_full_scale(out: Path, images: int = 100_000, instances: int = 1_270_00
     The geometry comes from a few hundred pre-formatted polygons and stuff partitions,
     reused with new ids, so writing is string joining; the files are in the real formats.
     """
-    from cocolvis.synth import _polygon, _stuff_regions
+    from cocolvis.synth import _stuff_regions
     from cocolvis.vocab import DEFAULT_LVIS, STUFF_CATEGORIES, read_lvis_categories
 
     rng = np.random.default_rng(seed)

@@ -286,7 +286,7 @@ def test_failure_while_painting_leaves_a_fresh_out_empty(good, tmp_path, monkeyp
     """What validation cannot foresee (here pycocotools failing) still leaves nothing behind."""
     from cocolvis import paint
 
-    real, calls = paint.mask_utils.decode, []
+    calls = []
 
     def failing(rle):
         calls.append(1)
