@@ -100,8 +100,11 @@ def _size(ctx, param, value):
 @click.option("--amp", is_flag=True, help="Mixed precision on CUDA: float16 autocast and gradient scaling.")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="CPU threads torch may use in each measurement [default: torch's own choice].")
+@click.option("--rounds", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Measure every (C, head, phase) this many times, round after round, and report the median: "
+                   "drift of a shared machine then falls on every head alike.")
 @_out
-def timing(preset, classes, size, batch, encoder, heads, repeats, warmup, device, amp, threads, out):
+def timing(preset, classes, size, batch, encoder, heads, repeats, warmup, device, amp, threads, rounds, out):
     """Inference seconds per image and training seconds per iteration, with peak memory, for each
     class count and head, on synthetic tensors; each measurement runs in a fresh process."""
     from bench.timing import run_timing, timing_plan
@@ -115,7 +118,7 @@ def timing(preset, classes, size, batch, encoder, heads, repeats, warmup, device
     if bad or not head_list:
         raise click.BadParameter(f"heads must be any of {', '.join(VARIANTS)}, got {heads!r}", param_hint="--heads")
     plan = timing_plan(preset, classes=classes, size=size, batch=batch, encoder=encoder, heads=head_list,
-                       repeats=repeats, warmup=warmup, device=device, amp=amp, threads=threads)
+                       repeats=repeats, warmup=warmup, device=device, amp=amp, threads=threads, rounds=rounds)
     run_timing(plan, out)
 
 

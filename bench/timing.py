@@ -67,6 +67,7 @@ class TimingPlan:
     threads: int | None = None  # CPU threads of torch; None keeps torch's default
     preset: str = "cpu"
     head_options: dict = field(default_factory=dict)
+    rounds: int = 1  # every measurement repeated round after round; medians reported
 
 
 PRESETS = {
@@ -82,7 +83,7 @@ PRESETS = {
 def timing_plan(preset: str = "cpu", *, classes: list[int] | None = None, size: tuple[int, int] | None = None,
                 batch: int | None = None, encoder: str | None = None, heads: list[str] | None = None,
                 repeats: int | None = None, warmup: int | None = None, device: str = "auto", amp: bool = False,
-                embed_dim: int = 12, threads: int | None = None) -> TimingPlan:
+                embed_dim: int = 12, threads: int | None = None, rounds: int = 1) -> TimingPlan:
     """The preset's set-up with any explicitly given option overriding it."""
     p = PRESETS[preset]
     from ess.device import pick_device
@@ -105,7 +106,7 @@ def timing_plan(preset: str = "cpu", *, classes: list[int] | None = None, size: 
     return TimingPlan(setups=tuple(setups), heads=tuple(heads or DEFAULT_HEADS),
                       encoder=encoder or p["encoder"], batch=batch or p["batch"],
                       repeats=repeats or p["repeats"], warmup=p["warmup"] if warmup is None else warmup,
-                      device=device, amp=amp, embed_dim=embed_dim, threads=threads, preset=preset)
+                      device=device, amp=amp, embed_dim=embed_dim, threads=threads, preset=preset, rounds=rounds)
 
 
 def synthetic_batch(num_classes: int, size: tuple[int, int], batch: int, device, seed: int = 0):
@@ -189,15 +190,26 @@ def measure_isolated(head: str, num_classes: int, phase: str, plan: TimingPlan, 
             return {"error": str(e).strip().splitlines()[0]}
 
 
+def median_run(runs: list[dict]) -> dict:
+    """One measurement from several rounds of it: the median of each figure; an error if any round failed."""
+    failed = [r for r in runs if "error" in r]
+    if failed:
+        return failed[0]
+    merged = {key: float(np.median([r[key] for r in runs])) for key in ("seconds", "peak_bytes", "increase_bytes")}
+    return {**runs[0], **merged, "times": [t for r in runs for t in r["times"]]}
+
+
 def time_heads(plan: TimingPlan, progress: bool = True) -> pd.DataFrame:
     """One row per (C, head): median seconds and peak memory of inference and of training."""
     from tqdm import tqdm
 
     ctx = _pool_context()
-    jobs = [(s, head, phase) for s in plan.setups for head in plan.heads for phase in PHASES]
-    results = {}
+    jobs = [(s, head, phase) for _ in range(plan.rounds) for s in plan.setups for head in plan.heads for phase in PHASES]
+    runs = {}
     for setup, head, phase in tqdm(jobs, desc="timing", unit="run", disable=not progress):
-        results[setup.num_classes, head, phase] = measure_isolated(head, setup.num_classes, phase, plan, ctx)
+        runs.setdefault((setup.num_classes, head, phase), []).append(
+            measure_isolated(head, setup.num_classes, phase, plan, ctx))
+    results = {key: median_run(measured) for key, measured in runs.items()}
     rows = []
     for s in plan.setups:
         for head in plan.heads:
@@ -313,6 +325,7 @@ def timing_summary(table: pd.DataFrame, plan: TimingPlan, env: dict[str, str], o
         *[f"- {k}: {v}" for k, v in env.items()],
         f"- set-up: DeepLabV3+ {plan.encoder} (no pretrained weights), embedding dimension {plan.embed_dim}, "
         f"batch {plan.batch}, {plan.warmup} warm-up and {plan.repeats} timed iterations, median reported"
+        + (f"; {plan.rounds} rounds of every measurement, interleaved, median of the rounds" if plan.rounds > 1 else "")
         + (", mixed precision (float16 autocast)" if plan.amp and not cpu else ", float32"),
         "- inference: forward pass and prediction (argmax / nearest class embedding) under inference mode, "
         "seconds per image = seconds per batch / batch; training: forward, loss, backward and an SGD step, "

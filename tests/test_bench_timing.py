@@ -67,3 +67,13 @@ def test_cli_rejects_bad_options(tmp_path):
         result = runner.invoke(main, ["timing", "--amp", "--device", "cpu", "--out", str(tmp_path / "o")])
         assert result.exit_code == 1 and "--amp" in result.output
     assert not (tmp_path / "o").exists()
+
+
+def test_rounds_are_merged_by_median_and_a_failed_round_is_reported():
+    from bench.timing import median_run
+
+    runs = [{"seconds": s, "peak_bytes": 10 * s, "increase_bytes": s, "times": [s], "threads": 2} for s in (3.0, 1.0, 2.0)]
+    merged = median_run(runs)
+    assert (merged["seconds"], merged["peak_bytes"], merged["times"]) == (2.0, 20.0, [3.0, 1.0, 2.0])
+    assert median_run([*runs, {"error": "worker process died"}]) == {"error": "worker process died"}
+    assert timing_plan("cpu", device="cpu", rounds=3).rounds == 3

@@ -89,6 +89,42 @@ def test_separation_loss_equals_brute_force():
     assert separation_loss(classes[:1], 0.2, "torch").item() == 0.0
 
 
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("margin", [0.0, 0.2, 0.6, 3.0])
+def test_pruned_close_pairs_equal_brute_force(normalize, margin):
+    from ess.knn import close_pairs
+
+    g = torch.Generator().manual_seed(int(margin * 10) + normalize)
+    classes = torch.randn(600, 12, generator=g)
+    classes[:40] = classes[40:80] + 0.03 * torch.randn(40, 12, generator=g)  # close pairs across cells
+    classes[80] = classes[81]  # a duplicate: distance 0
+    if normalize:
+        classes = F.normalize(classes, dim=1)
+    rows, nearest = close_pairs(classes, margin, cells=85)
+    d = torch.cdist(classes.double(), classes.double()).fill_diagonal_(float("inf"))
+    gap, expected_nearest = d.min(1)
+    expected_rows = (gap < margin).nonzero()[:, 0]
+    assert torch.equal(rows, expected_rows)
+    torch.testing.assert_close(d[rows, nearest], gap[rows])  # a nearest other (ties may pick either)
+
+
+def test_separation_loss_over_pruned_pairs_equals_brute_force():
+    from ess.losses import PRUNED_SEPARATION_MIN_CLASSES
+
+    g = torch.Generator().manual_seed(5)
+    classes = F.normalize(torch.rand(PRUNED_SEPARATION_MIN_CLASSES, 12, generator=g) * 2 - 1, dim=1)
+    classes[:30] = F.normalize(classes[30:60] + 0.05 * torch.randn(30, 12, generator=g), dim=1)
+    classes.requires_grad_()
+    got = separation_loss(classes, 0.2, "torch")
+    (grad,) = torch.autograd.grad(got, classes)
+    d = torch.cdist(classes.detach().double(), classes.detach().double()).fill_diagonal_(float("inf"))
+    nearest = d.argmin(1)
+    expected = F.relu(0.2 - (classes - classes[nearest]).norm(dim=1)).mean()
+    (expected_grad,) = torch.autograd.grad(expected, classes)
+    assert got.item() == pytest.approx(expected.item(), rel=1e-5) and expected.item() > 0
+    torch.testing.assert_close(grad, expected_grad)
+
+
 def test_gradients_reach_class_and_pixel_embeddings():
     torch.manual_seed(0)
     head = ess_head(16, 30, embed_dim=12, k=7)

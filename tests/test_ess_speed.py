@@ -235,3 +235,38 @@ def test_fused_ess_loss_equals_autograd_composition():
     assert got.item() == pytest.approx(expected.item(), rel=1e-6)
     for a, b in zip(grads, expected_grads):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("num_classes,k,rows", [(30, 7, 1 << 20), (30, 7, 37), (5, 7, 64), (2, 1, 1)])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_dense_small_class_path_equals_the_gather_path(num_classes, k, rows, normalize):
+    from ess.losses import _DenseNearestNegativesCrossEntropy, ess_pixel_loss_reference
+
+    g = torch.Generator().manual_seed(num_classes + rows)
+    classes = torch.randn(num_classes, 6, generator=g, dtype=torch.float64)
+    pixels = torch.randn(400, 6, generator=g, dtype=torch.float64)
+    if normalize:
+        classes, pixels = F.normalize(classes, dim=1), F.normalize(pixels, dim=1)
+    target = torch.randint(0, num_classes, (400,), generator=g)
+    pixels[:40] = classes[target[:40]]  # zero distance to the target: the clamped, gradient-free case
+    pixels[40:80] = classes[target[40:80]] + 1e-3 * torch.randn(40, 6, generator=g, dtype=torch.float64)
+    k = min(k, num_classes - 1)
+    negatives = knn_excluding(pixels, classes, target, k, "torch")
+    reference = (pixels.clone().requires_grad_(), classes.clone().requires_grad_())
+    expected = ess_pixel_loss_reference(*reference, torch.cat([target[:, None], negatives], 1), 20.0)
+    expected_grads = torch.autograd.grad(expected, reference)
+    inputs = (pixels.float().requires_grad_(), classes.float().requires_grad_())
+    got = _DenseNearestNegativesCrossEntropy.apply(*inputs, target, k, 20.0, rows)
+    grads = torch.autograd.grad(got, inputs)
+    assert got.item() == pytest.approx(expected.item(), rel=1e-5)
+    for a, b in zip(grads, expected_grads):
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-4 * b.abs().max().item())
+
+
+def test_dense_path_is_taken_for_small_exact_torch_searches_only():
+    from ess.losses import DENSE_MAX_CLASSES, uses_dense_path
+
+    assert uses_dense_path(19, "auto") and uses_dense_path(DENSE_MAX_CLASSES, "torch")
+    assert not uses_dense_path(DENSE_MAX_CLASSES + 1, "auto")
+    assert not uses_dense_path(19, "faiss")  # an explicit faiss backend keeps faiss
+    assert uses_dense_path(19, "ivf", IvfSearch()) and not uses_dense_path(5000, "ivf", IvfSearch(nlist=64))
