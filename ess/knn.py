@@ -185,17 +185,19 @@ def close_pairs(base: torch.Tensor, radius: float, cells: int | None = None,
     cells = min(num, cells or max(1, round(1.5 * num ** 0.5)))
     centres = base[torch.linspace(0, num - 1, cells, device=base.device).round().long()]
     rows = max(1, chunk // cells)
-    # (C, cells) distances from differences, not the matmul expansion: accurate near zero too.
-    to_centre = torch.cat([torch.cdist(base[s:s + rows], centres, compute_mode="donot_use_mm_for_euclid_dist")
-                           for s in range(0, num, rows)])
-    assign = to_centre.argmin(1)
-    own = to_centre.gather(1, assign[:, None])[:, 0]
+    blocks = [slice(s, s + rows) for s in range(0, num, rows)]
+
+    def to_centres(block: slice) -> torch.Tensor:  # from differences, not the matmul expansion: exact near 0
+        return torch.cdist(base[block], centres, compute_mode="donot_use_mm_for_euclid_dist")
+
+    # Two passes over blocks of rows, so no C x cells matrix of distances is ever held.
+    nearest_centre = [to_centres(block).min(1) for block in blocks]
+    own, assign = torch.cat([d for d, _ in nearest_centre]), torch.cat([i for _, i in nearest_centre])
     reach = torch.zeros(cells, device=base.device).scatter_reduce_(0, assign, own, "amax")
     # float32 rounding must never skip a close pair: a little more than the radius is searched,
     # and the matmul-expanded squared distances below get a tolerance of their rounding.
-    slack = 1e-5 * (1.0 + float(to_centre.max()))
-    # (cells, C): which rows must look into each cell.
-    visits = (to_centre - reach[None] < radius + slack).t().contiguous()
+    slack = 1e-5 * (1.0 + 2 * float(base.norm(dim=1).max()))
+    visits = torch.cat([to_centres(block) - reach < radius + slack for block in blocks]).t()  # (cells, C)
     order = torch.argsort(assign, stable=True)
     counts = torch.bincount(assign, minlength=cells).tolist()
     base_sq = (base * base).sum(1)
