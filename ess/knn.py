@@ -197,7 +197,9 @@ def close_pairs(base: torch.Tensor, radius: float, cells: int | None = None,
     # float32 rounding must never skip a close pair: a little more than the radius is searched,
     # and the matmul-expanded squared distances below get a tolerance of their rounding.
     slack = 1e-5 * (1.0 + 2 * float(base.norm(dim=1).max()))
-    visits = torch.cat([to_centres(block) - reach < radius + slack for block in blocks]).t()  # (cells, C)
+    visits = torch.empty(cells, num, dtype=torch.bool, device=base.device)  # which rows look into each cell
+    for block in blocks:
+        visits[:, block] = (to_centres(block) - reach < radius + slack).t()
     order = torch.argsort(assign, stable=True)
     counts = torch.bincount(assign, minlength=cells).tolist()
     base_sq = (base * base).sum(1)
@@ -212,7 +214,8 @@ def close_pairs(base: torch.Tensor, radius: float, cells: int | None = None,
             continue
         sq = torch.addmm(base_sq.index_select(0, members), base.index_select(0, queries),
                          base.index_select(0, members).t(), alpha=-2.0)  # ||q - m||^2 - ||q||^2
-        sq.masked_fill_(queries[:, None] == members[None, :], float("inf"))  # never itself
+        # Never itself: the cell's own members are among its queries (both ascending, so searchsorted finds them).
+        sq[torch.searchsorted(queries, members), torch.arange(count, device=base.device)] = float("inf")
         value, j = sq.min(1)
         value += base_sq.index_select(0, queries)
         better = value < best.index_select(0, queries)
