@@ -77,13 +77,15 @@ def measure_step(head: str, classes: int, batch: int, height: int, width: int, r
     import torch
     import torch.nn.functional as F
 
-    from ess.heads import build_head
+    from ess.model import ModelArgs, build_head
 
     torch.manual_seed(0)
     features = torch.randn(batch, DECODER_CHANNELS, height // 4, width // 4, requires_grad=True)
     mask = torch.randint(1, classes + 1, (batch, height, width))
     variant = "ess" if head == "ess-naive" else head
-    module = build_head(variant, DECODER_CHANNELS, classes, embed_dim=EMBED_DIM, k=K, knn=knn)
+    kind, own = VARIANTS[variant]
+    args = ModelArgs(**{"head": kind, "num_classes": classes, "embed_dim": EMBED_DIM, "k": K, "knn": knn, **own})
+    module = build_head(args, DECODER_CHANNELS)
 
     def step():
         output = module(features, (height, width))

@@ -15,13 +15,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ess.knn import BACKENDS, DEFAULT_CHUNK, DEFAULT_KNN, IvfSearch, knn, resolve_backend
+from ess.knn import BACKENDS, DEFAULT_CHUNK, IvfSearch, knn, resolve_backend
 from ess.losses import (SAMPLINGS, STRIDE_BLOCKS, bilinear_taps, block_negatives, ess_pixel_loss, separation_loss,
                         softmax_loss, upsample_rows, upsampled_softmax_loss)
 
 HEADS = ("softmax", "ess")
 SOFTMAX_IMPLS = ("dense", "chunked")
-# Named set-ups the benchmarks compare: the head and its options (as build_model takes them).
+# Named set-ups the benchmarks compare: the head and the model options it changes (ess.model.ModelArgs fields).
 VARIANTS = {
     "softmax": ("softmax", {}),
     "softmax-chunked": ("softmax", {"softmax_impl": "chunked"}),
@@ -83,10 +83,10 @@ class SoftmaxHead(nn.Module):
 
     impl "dense" outputs the full-resolution logits; "chunked" outputs `UpsampledLogits` and
     computes the same cross-entropy and argmax a block of rows at a time (at most `chunk`
-    logits at once), never holding B x C x H x W logits.
+    logits at once), never holding B x C x H x W logits. Defaults: ess.model.ModelArgs.
     """
 
-    def __init__(self, in_channels: int, num_classes: int, impl: str = "dense", chunk: int = DEFAULT_CHUNK):
+    def __init__(self, in_channels: int, num_classes: int, *, impl: str, chunk: int):
         super().__init__()
         _check(impl in SOFTMAX_IMPLS, f"softmax impl must be one of {', '.join(SOFTMAX_IMPLS)}, got {impl!r}")
         _check(isinstance(chunk, int) and chunk >= 1, f"chunk must be a positive integer, got {chunk!r}")
@@ -134,12 +134,13 @@ class EssHead(nn.Module):
     chunk (elements of one distance block), knn_stride (1, 2, 4, 8: pixels per shared search),
     and for knn="ivf" nlist / nprobe (cells, cells probed; None: sqrt(C), nlist/5) and
     ivf_rebuild_every (training steps between re-clusterings of the class embeddings).
+    Every option is required: their defaults live in ess.model.ModelArgs, and
+    `ess.model.build_head(ModelArgs(head="ess", ...), in_channels)` builds a head from them.
     """
 
-    def __init__(self, in_channels: int, num_classes: int, embed_dim: int = 12, normalize: bool = True,
-                 k: int = 7, tau: float = 20.0, margin: float = 0.2, knn: str = DEFAULT_KNN,
-                 sampling: str = "nearest", reg: bool = True, chunk: int = DEFAULT_CHUNK, knn_stride: int = 1,
-                 nlist: int | None = None, nprobe: int | None = None, ivf_rebuild_every: int = 100):
+    def __init__(self, in_channels: int, num_classes: int, *, embed_dim: int, normalize: bool, k: int, tau: float,
+                 margin: float, knn: str, sampling: str, reg: bool, chunk: int, knn_stride: int,
+                 nlist: int | None, nprobe: int | None, ivf_rebuild_every: int):
         super().__init__()
         _check(isinstance(k, int) and k >= 1, f"k must be a positive integer, got {k!r}")
         _check(tau > 0, f"tau must be positive, got {tau!r}")
@@ -213,14 +214,3 @@ def nearest_class_channels_first(emb: torch.Tensor, classes: torch.Tensor, chunk
         scores = torch.baddbmm(neg_sq, weight, flat[:, :, start:start + step], alpha=2.0)  # (B, C, n)
         out[:, start:start + step] = scores.argmax(1)
     return out.view(b, h, w)
-
-
-def build_head(variant: str, in_channels: int, num_classes: int, **options) -> nn.Module:
-    """The head of a named variant (VARIANTS); `options` (e.g. embed_dim, k, knn) add to or override its own."""
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown head variant {variant!r}; expected one of {', '.join(VARIANTS)}")
-    head, own = VARIANTS[variant]
-    options = {**options, **own}
-    if head == "softmax":
-        return SoftmaxHead(in_channels, num_classes, impl=options.get("softmax_impl", "dense"))
-    return EssHead(in_channels, num_classes, **options)

@@ -83,8 +83,8 @@ def block_negatives(embeddings: torch.Tensor, labelled: torch.Tensor, target: to
     return drop_excluded(shared.index_select(0, of_pixel), target)
 
 
-def ess_pixel_loss(pixels: torch.Tensor, target: torch.Tensor, class_emb: torch.Tensor, *, k: int = 7,
-                   tau: float = 20.0, sampling: str = "nearest", knn: str = DEFAULT_KNN,
+def ess_pixel_loss(pixels: torch.Tensor, target: torch.Tensor, class_emb: torch.Tensor, *, k: int,
+                   tau: float, sampling: str = "nearest", knn: str = DEFAULT_KNN,
                    chunk: int = DEFAULT_CHUNK, ivf: IvfSearch | None = None,
                    negatives: torch.Tensor | None = None) -> torch.Tensor:
     """Cross-entropy over [target, k negatives] with logits -tau * distance.
@@ -215,7 +215,7 @@ def ess_pixel_loss_reference(pixels: torch.Tensor, class_emb: torch.Tensor, cand
     return F.cross_entropy(logits, torch.zeros_like(candidates[:, 0]))
 
 
-def separation_loss(class_emb: torch.Tensor, margin: float = 0.2, knn: str = DEFAULT_KNN,
+def separation_loss(class_emb: torch.Tensor, margin: float, knn: str = DEFAULT_KNN,
                     chunk: int = DEFAULT_CHUNK, ivf: IvfSearch | None = None) -> torch.Tensor:
     """Mean over classes of max(0, margin - distance to the nearest other class)."""
     num_classes = class_emb.shape[0]

@@ -59,11 +59,21 @@ class ModelArgs:
                                choices=SOFTMAX_IMPLS)
 
     def head_options(self) -> dict:
-        """The keyword arguments of the ESS head (the softmax head has none)."""
+        """The keyword arguments of this head's module (SoftmaxHead or EssHead)."""
+        if self.head == "softmax":
+            return dict(impl=self.softmax_impl, chunk=self.knn_chunk)
         return dict(embed_dim=self.embed_dim, normalize=self.normalize, k=self.k, tau=self.tau, margin=self.margin,
                     knn=self.knn, sampling=self.sampling, reg=self.reg, chunk=self.knn_chunk,
                     knn_stride=self.knn_stride, nlist=self.nlist, nprobe=self.nprobe,
                     ivf_rebuild_every=self.ivf_rebuild_every)
+
+
+def build_head(args: ModelArgs, in_channels: int) -> nn.Module:
+    """The head that `args` describe (args.head, args.num_classes and its options), on `in_channels` features."""
+    if args.head not in HEADS or args.num_classes < 1:
+        raise ValueError(f"model arguments need a head and num_classes >= 1, got {args.head!r}, {args.num_classes}")
+    module = SoftmaxHead if args.head == "softmax" else EssHead
+    return module(in_channels, args.num_classes, **args.head_options())
 
 
 class PretrainedWeightsError(RuntimeError):
@@ -105,11 +115,7 @@ class Segmenter(nn.Module):
         if args.norm == "gn":
             batchnorm_to_groupnorm(net.encoder)
             batchnorm_to_groupnorm(net.decoder)
-        channels = net.segmentation_head[0].in_channels
-        if args.head == "softmax":
-            head = SoftmaxHead(channels, args.num_classes, impl=args.softmax_impl, chunk=args.knn_chunk)
-        else:
-            head = EssHead(channels, args.num_classes, **args.head_options())
+        head = build_head(args, net.segmentation_head[0].in_channels)
         return cls(net.encoder, net.decoder, head, args)
 
     @property

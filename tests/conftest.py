@@ -60,3 +60,11 @@ def tiny_runs(built_train, built_val, tmp_path_factory) -> dict:
         evaluate_run(run, built_val, device="cpu", progress=False)
         runs[head] = run
     return runs
+
+
+def ess_head(in_channels: int, num_classes: int, **args):
+    """An ESS head with the default model arguments (ess.model.ModelArgs), some overridden."""
+    from ess.heads import EssHead
+    from ess.model import ModelArgs
+
+    return EssHead(in_channels, num_classes, **ModelArgs(head="ess", **args).head_options())

@@ -141,7 +141,7 @@ def test_normalised_shares_average_to_the_global_loss_and_gradient(head):
     g = torch.Generator().manual_seed(0)
     num_classes, world = 9, 2
     if head == "softmax":
-        module = SoftmaxHead(4, num_classes)
+        module = SoftmaxHead(4, num_classes, **ModelArgs(head="softmax").head_options())
         output = torch.randn(4, num_classes, 6, 5, generator=g, requires_grad=True)
     else:
         module = EssHead(4, num_classes, **ModelArgs(head="ess", knn="torch").head_options())

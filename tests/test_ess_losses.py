@@ -5,14 +5,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ess.heads import EssHead
-from ess.model import ModelArgs
 from ess.losses import ess_pixel_loss, sample_negatives, separation_loss, softmax_loss
 
-
-def ess_head(in_channels: int, num_classes: int, **args) -> EssHead:
-    """An ESS head with the default model arguments, some overridden."""
-    return EssHead(in_channels, num_classes, **ModelArgs(head="ess", **args).head_options())
+from conftest import ess_head
 
 
 def reference_ess_loss(pixels, target, classes, k, tau):

@@ -4,10 +4,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ess.heads import EssHead, SoftmaxHead, UpsampledLogits, nearest_class_channels_first
+from ess.heads import SoftmaxHead, UpsampledLogits, nearest_class_channels_first
 from ess.knn import IvfSearch, faiss_available, knn_excluding, knn_torch, recall_at_k, resolve_backend
 from ess.losses import STRIDE_BLOCKS, block_negatives, ess_pixel_loss, softmax_loss, upsampled_softmax_loss
 from ess.model import build_model
+
+from conftest import ess_head
 
 needs_faiss = pytest.mark.skipif(not faiss_available(), reason="faiss not installed")
 
@@ -94,7 +96,7 @@ def test_block_negatives_equal_brute_force_and_exclude_the_target(stride):
 
 def test_strided_head_loss_is_the_loss_over_shared_negatives():
     torch.manual_seed(0)
-    head = EssHead(8, 40, embed_dim=6, knn="torch", knn_stride=4, reg=False)
+    head = ess_head(8, 40, embed_dim=6, knn="torch", knn_stride=4, reg=False)
     out = head(torch.randn(2, 8, 4, 4), (16, 16))
     mask = torch.randint(0, 41, (2, 16, 16))
     labelled = mask > 0
@@ -162,7 +164,7 @@ def test_ivf_falls_back_to_exact_where_it_cannot_win():
 
 def test_ess_head_with_ivf_trains_and_predicts_exactly():
     torch.manual_seed(0)
-    head = EssHead(8, 300, embed_dim=6, knn="ivf", nlist=12, nprobe=3, knn_stride=2)
+    head = ess_head(8, 300, embed_dim=6, knn="ivf", nlist=12, nprobe=3, knn_stride=2)
     head.ivf.min_classes = 0
     head.ivf.prefer_faiss = False
     out = head(torch.randn(2, 8, 4, 4), (16, 16))
@@ -209,12 +211,12 @@ def test_auto_backend():
                                             ({"knn": "ivf", "nlist": 0}, "nlist")])
 def test_head_options_are_validated(kwargs, message):
     with pytest.raises(ValueError, match=message):
-        EssHead(4, 10, **kwargs)
+        ess_head(4, 10, **kwargs)
 
 
 def test_softmax_impl_is_validated():
     with pytest.raises(ValueError, match="softmax impl must be one of dense, chunked"):
-        SoftmaxHead(4, 10, impl="fused")
+        SoftmaxHead(4, 10, impl="fused", chunk=1 << 22)
 
 
 def test_fused_ess_loss_equals_autograd_composition():
