@@ -39,7 +39,7 @@ demo: setup
 	done
 	$(BIN)/bench longtail --data $(DEMO)/train --out $(DEMO)/bench/longtail
 	$(BIN)/bench topn-miou --eval $(DEMO)/runs/softmax/eval --eval $(DEMO)/runs/ess/eval --out $(DEMO)/bench/topn
-	$(BIN)/bench timing --preset cpu --heads softmax,ess --out $(DEMO)/bench/timing
+	$(BIN)/bench timing --preset cpu --heads softmax,ess --repeats 3 --warmup 1 --out $(DEMO)/bench/timing
 	$(BIN)/bench embeddings --run $(DEMO)/runs/ess --data $(DEMO)/val --out $(DEMO)/bench/embeddings
 	@echo "Figures:"; for f in $(DEMO)/bench/*/*.png; do echo "  $$f"; done
 	@echo "Notebook: BENCH_DIR=$(DEMO)/bench jupyter notebook notebooks/analysis.ipynb"
