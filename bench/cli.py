@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from bench.definitions import GROUP_DEFINITION, TOPN_DEFINITION, VARIANTS
+from bench.definitions import GROUP_DEFINITION, TIMING_HEADS, TOPN_DEFINITION, VARIANTS
 from cocolvis.errors import CommandGroup
 
 _dir = click.Path(exists=True, file_okay=False, path_type=Path)
@@ -88,7 +88,7 @@ def _size(ctx, param, value):
                    "branch needs two images in training. Inference time is reported per image.")
 @click.option("--encoder", default=None,
               help="Encoder, any that `ess train --encoder` accepts, overriding the preset's (resnet18 / resnet50).")
-@click.option("--heads", default="softmax,softmax-chunked,ess,ess-stride4-ivf", show_default=True,
+@click.option("--heads", default=",".join(TIMING_HEADS), show_default=True,
               help="Heads to time, comma-separated: softmax, softmax-chunked (the exact loss without full-resolution "
                    "logits), ess, ess-stride4 (one kNN search per 2x2 pixels), ess-ivf (IVF search), ess-stride4-ivf.")
 @click.option("--repeats", type=click.IntRange(min=1), default=None,

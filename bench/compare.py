@@ -71,18 +71,17 @@ def training_record(run: Path) -> tuple[int, float]:
     return int(last["iteration"]), float(last["seconds"])
 
 
-def evaluation_rows(evals: dict[str, Path], stats: pd.DataFrame, stats_path: Path) -> tuple[pd.DataFrame, dict]:
-    """One row per labelled `ess eval` directory (ROW_COLUMNS), and label -> per-class IoU."""
+def evaluation_rows(evals: dict[str, dict], stats: pd.DataFrame, stats_path: Path) -> tuple[pd.DataFrame, dict]:
+    """One row per labelled evaluation (`read_eval` of an `ess eval` directory; ROW_COLUMNS), and label -> per-class IoU."""
     groups = class_groups(stats)
     rows, ious = [], {}
-    for label, eval_dir in evals.items():
-        ev = read_eval(eval_dir)
+    for label, ev in evals.items():
         if ev["confusion"].shape[0] != len(stats):
             raise InputError(ev["dir"] / "confusion.npz", f"{ev['confusion'].shape[0]} classes, but {stats_path} "
                                                           f"has {len(stats)}")
         iou = per_class_iou(ev["confusion"])
         ious[label] = iou
-        run = Path(ev["metrics"]["run"]) if ev["metrics"].get("run") else Path(eval_dir).parent
+        run = Path(ev["metrics"]["run"]) if ev["metrics"].get("run") else ev["dir"].parent
         iters, seconds = training_record(run)
         rows.append({"run": label, "head": ev["metrics"].get("head"),
                      **{col: group_miou(iou, members) for col, members in groups.items()},
@@ -104,8 +103,14 @@ def winners(table: pd.DataFrame) -> pd.DataFrame:
                      "runner_up": values.iloc[1]})
     out = pd.DataFrame(rows)
     out["difference"] = out["best"] - out["runner_up"]
-    out["ratio"] = np.where(out["runner_up"] > 0, out["best"] / out["runner_up"].where(out["runner_up"] > 0), np.nan)
+    out["ratio"] = out["best"] / out["runner_up"].where(out["runner_up"] > 0)
     return out
+
+
+def margin(best: float, runner_up: float, difference: float, ratio: float) -> str:
+    """'best vs runner-up (+difference, ratio x)', the ratio left out where there is none."""
+    times = f", {ratio:.2f}x" if not math.isnan(ratio) else ""
+    return f"{fmt(best)} vs {fmt(runner_up)} (+{fmt(difference, 3)}{times})"
 
 
 def winner_lines(wins: pd.DataFrame) -> list[str]:
@@ -118,9 +123,7 @@ def winner_lines(wins: pd.DataFrame) -> list[str]:
         elif r.winner == "tie":
             lines.append(f"- {what} ({r.group}): a tie at {fmt(r.best)}")
         else:
-            ratio = f", {r.ratio:.2f}x" if not math.isnan(r.ratio) else ""
-            lines.append(f"- {what} ({r.group}): **{r.winner}** {fmt(r.best)} vs {fmt(r.runner_up)} "
-                         f"(+{fmt(r.difference, 3)}{ratio})")
+            lines.append(f"- {what} ({r.group}): **{r.winner}** {margin(r.best, r.runner_up, r.difference, r.ratio)}")
     return lines
 
 
@@ -135,9 +138,8 @@ def headline(wins: pd.DataFrame) -> str:
     lost = decided[decided["winner"] != overall["winner"]]
     lost_text = ("; it loses on " + ", ".join(f"{GROUP_NAMES[g]} (to {w})" for g, w in zip(lost["group"], lost["winner"]))
                  if len(lost) else "")
-    ratio = f", {overall['ratio']:.2f}x" if not math.isnan(overall["ratio"]) else ""
-    return (f"Winner: **{overall['winner']}**, mIoU {fmt(overall['best'])} vs {fmt(overall['runner_up'])} "
-            f"(+{fmt(overall['difference'], 3)}{ratio}); it wins on {', '.join(won)}{lost_text}.")
+    mi = margin(overall["best"], overall["runner_up"], overall["difference"], overall["ratio"])
+    return f"Winner: **{overall['winner']}**, mIoU {mi}; it wins on {', '.join(won)}{lost_text}."
 
 
 def run_compare(evals: list[str | Path], out: str | Path, data: str | Path | None = None,
@@ -154,7 +156,7 @@ def run_compare(evals: list[str | Path], out: str | Path, data: str | Path | Non
     data, out = Path(data), Path(out)
     stats = read_class_stats(data)
     labels = run_labels(evs)
-    table, _ = evaluation_rows(dict(zip(labels, evals)), stats, data / "stats.csv")
+    table, _ = evaluation_rows(dict(zip(labels, evs)), stats, data / "stats.csv")
     wins = winners(table)
 
     out.mkdir(parents=True, exist_ok=True)

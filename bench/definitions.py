@@ -13,6 +13,9 @@ TOPN_DEFINITION = (
     "(NaN) when none of the top n is present. So mIoU@C equals metrics.json's miou."
 )
 
+# The heads `bench timing` measures unless told otherwise (names of ess.heads.VARIANTS).
+TIMING_HEADS = ("softmax", "softmax-chunked", "ess", "ess-stride4-ivf")
+
 # The study's variants: name -> the model options it changes from the study's configuration.
 # Every variant shares the data, iterations, seed and schedule; only these options differ.
 # A variant whose options this version of `ess` lacks is not offered (see bench.study.available_variants).

@@ -46,9 +46,9 @@ def save_table(df: pd.DataFrame, path: str | Path, index: bool = False) -> Path:
     return path
 
 
-def write_summary(out: str | Path, text: str, echo: bool = True) -> Path:
-    """Write `OUT/summary.md` and print it: every command ends with this."""
-    path = Path(out) / SUMMARY
+def write_summary(out: str | Path, text: str, echo: bool = True, name: str = SUMMARY) -> Path:
+    """Write `OUT/summary.md` (or OUT/name) and print it: every command ends with this."""
+    path = Path(out) / name
     write_text(path, text.rstrip() + "\n")
     if echo:
         click.echo(text.rstrip())

@@ -26,9 +26,9 @@ import pandas as pd
 from bench.compare import ROW_COLUMNS, evaluation_rows, read_csv_log
 from bench.definitions import GROUP_DEFINITION, VARIANTS
 from bench.longtail import read_class_stats
-from bench.report import files_section, fmt, markdown_table, new_figure, save_figure, save_table
-from bench.topn import plot_topn, topn_table
-from cocolvis.io import InputError, write_text
+from bench.report import files_section, fmt, markdown_table, new_figure, save_figure, save_table, write_summary
+from bench.topn import plot_topn, read_eval, topn_table
+from cocolvis.io import InputError
 
 STUDY_COLUMNS = ("variant", *ROW_COLUMNS[1:])
 CHECKPOINT = "last"  # every variant is evaluated after the same number of iterations
@@ -136,11 +136,11 @@ def run_variants(configs: dict, out: Path, resume: bool = False, progress: bool 
 
 # --- tables ----------------------------------------------------------------------------------------------------
 
-def study_tables(out: Path, data: Path, variants: list[str]) -> dict[str, pd.DataFrame]:
-    """study, topn and learning-curve tables of the evaluated variants in OUT/runs."""
-    stats = read_class_stats(data)
+def study_tables(out: Path, data: Path, stats: pd.DataFrame, variants: list[str]) -> dict[str, pd.DataFrame]:
+    """study, topn and learning-curve tables of the evaluated variants in OUT/runs (`stats`: the data's class stats)."""
     runs = {name: out / "runs" / name for name in variants}
-    rows, ious = evaluation_rows({name: run / "eval" for name, run in runs.items()}, stats, Path(data) / "stats.csv")
+    evals = {name: read_eval(run / "eval") for name, run in runs.items()}
+    rows, ious = evaluation_rows(evals, stats, Path(data) / "stats.csv")
     curves = [read_csv_log(run / "val.csv").assign(variant=name) for name, run in runs.items()
               if (run / "val.csv").exists()]
     curve = (pd.concat(curves, ignore_index=True) if curves
@@ -232,9 +232,10 @@ def study_summary(out: Path, data: Path, val_data: Path, tables: dict, config) -
     return "\n".join(lines)
 
 
-def report_study(out: Path, data: Path, val_data: Path, variants: list[str], config, echo: bool = True) -> dict:
+def report_study(out: Path, data: Path, val_data: Path, variants: list[str], stats: pd.DataFrame, config,
+                 echo: bool = True) -> dict:
     """Compute the tables from OUT/runs, then draw, then write the summary."""
-    tables = study_tables(out, data, variants)
+    tables = study_tables(out, data, stats, variants)
     paths = {"study.csv": save_table(tables["study"], out / "study.csv"),
              "topn_miou.csv": save_table(tables["topn"], out / "topn_miou.csv"),
              "learning_curve.csv": save_table(tables["learning_curve"], out / "learning_curve.csv")}
@@ -243,10 +244,7 @@ def report_study(out: Path, data: Path, val_data: Path, variants: list[str], con
     paths["learning_curve.png"] = save_figure(plot_learning_curves(tables["learning_curve"]),
                                               out / "learning_curve.png")
     text = study_summary(out, data, val_data, tables, config)
-    write_text(out / "study.md", text + "\n")
-    paths["study.md"] = out / "study.md"
-    if echo:
-        click.echo(text)
+    paths["study.md"] = write_summary(out, text, echo=echo, name="study.md")
     return paths
 
 
@@ -257,7 +255,7 @@ def run_study(data: str | Path, val_data: str | Path, out: str | Path, variants:
     data, val_data, out = Path(data).resolve(), Path(val_data).resolve(), Path(out)
     names = variants if isinstance(variants, list) else parse_variants(variants)
     configs = variant_configs(data, val_data, names, iters, preset, config_file)
-    read_class_stats(data)  # a bad stats.csv stops the study before any training
+    stats = read_class_stats(data)  # a bad stats.csv stops the study before any training
     out.mkdir(parents=True, exist_ok=True)
     run_variants(configs, out, resume=resume, progress=progress, echo=echo)
-    return report_study(out, data, val_data, names, next(iter(configs.values())), echo=echo)
+    return report_study(out, data, val_data, names, stats, next(iter(configs.values())), echo=echo)

@@ -26,16 +26,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from bench.definitions import TIMING_HEADS
 from bench.report import (files_section, fmt, markdown_table, new_figure, plain_log_ticks, plural,
                           save_figure, save_table, write_summary)
-
 from ess.heads import VARIANTS
 
 # The published table's data sets, by class count.
 DATASETS = {19: "Cityscapes", 150: "ADE20K", 1284: "COCO+LVIS"}
 HEAD_NAMES = {"softmax": "softmax", "softmax-chunked": "softmax (chunked loss)", "ess": "ESS",
               "ess-stride4": "ESS, stride 4", "ess-ivf": "ESS, IVF", "ess-stride4-ivf": "ESS, stride 4 + IVF"}
-DEFAULT_HEADS = ("softmax", "softmax-chunked", "ess", "ess-stride4-ivf")
 COLORS = {"softmax": "#d62728", "softmax-chunked": "#ff7f0e", "ess": "#1f77b4", "ess-stride4": "#17becf",
           "ess-ivf": "#9467bd", "ess-stride4-ivf": "#2ca02c"}
 PHASES = ("inference", "training")
@@ -56,7 +55,7 @@ class Setup:
 @dataclass(frozen=True)
 class TimingPlan:
     setups: tuple[Setup, ...]
-    heads: tuple[str, ...] = DEFAULT_HEADS
+    heads: tuple[str, ...] = TIMING_HEADS
     encoder: str = "resnet18"
     batch: int = 2
     repeats: int = 5
@@ -103,7 +102,7 @@ def timing_plan(preset: str = "cpu", *, classes: list[int] | None = None, size: 
     unknown = [h for h in heads or () if h not in VARIANTS]
     if unknown:
         raise ValueError(f"unknown head {unknown[0]!r}; expected any of {', '.join(VARIANTS)}")
-    return TimingPlan(setups=tuple(setups), heads=tuple(heads or DEFAULT_HEADS),
+    return TimingPlan(setups=tuple(setups), heads=tuple(heads or TIMING_HEADS),
                       encoder=encoder or p["encoder"], batch=batch or p["batch"],
                       repeats=repeats or p["repeats"], warmup=p["warmup"] if warmup is None else warmup,
                       device=device, amp=amp, embed_dim=embed_dim, threads=threads, preset=preset, rounds=rounds)
@@ -129,7 +128,9 @@ def measure(head: str, num_classes: int, phase: str, plan: TimingPlan) -> dict:
     """Time one phase of one model; meant to run alone in a fresh process."""
     import torch
 
-    from ess.measure import PeakMemory, median, time_calls
+    from statistics import median
+
+    from ess.measure import PeakMemory, time_calls
     from ess.model import build_model
 
     if plan.threads is not None:
@@ -236,6 +237,7 @@ def environment(plan: TimingPlan) -> dict[str, str]:
 
     from ess.knn import faiss_module
 
+    faiss = faiss_module()
     if plan.device == "cuda":
         device = f"CUDA: {torch.cuda.get_device_name(0)} (CUDA {torch.version.cuda})"
     else:
@@ -248,7 +250,7 @@ def environment(plan: TimingPlan) -> dict[str, str]:
         device = f"CPU: {cpu}, {plural(plan.threads or torch.get_num_threads(), 'torch thread')}"
     return {"device": device, "python": platform.python_version(), "torch": torch.__version__,
             "segmentation-models-pytorch": smp.__version__,
-            "faiss": faiss_module().__version__ if faiss_module() is not None else "not installed (kNN by torch)"}
+            "faiss": faiss.__version__ if faiss is not None else "not installed (kNN by torch)"}
 
 
 def plot_timing(table: pd.DataFrame, plan: TimingPlan):

@@ -26,13 +26,14 @@ import os
 import subprocess
 import sys
 import time
+from statistics import median
 
 import click
 
 from ess.heads import VARIANTS
 from ess.knn import BACKENDS, DEFAULT_KNN, faiss_available
 from ess.losses import DENSE_MAX_CLASSES
-from ess.measure import PeakMemory, available_bytes, median, time_calls
+from ess.measure import PeakMemory, available_bytes, time_calls
 
 DECODER_CHANNELS = 256
 EMBED_DIM = 12

@@ -71,10 +71,11 @@ def evaluate_model(model, dataset: BuiltDataset, device: torch.device, crop: int
             write_label_png(predictions_dir / name, labels)
             write_rgb_png(predictions_dir / name.replace(".png", "_color.png"), colorize(labels))
     model.train(was_training)
-    matrix = distributed.all_reduce_sum(confusion.matrix).view(dataset.num_classes, -1).numpy()
-    metrics = compute_metrics(matrix)
-    metrics["confusion"] = matrix
-    metrics["gt_images"] = distributed.all_reduce_sum(torch.from_numpy(confusion.gt_images)).numpy()
+    confusion.matrix = distributed.all_reduce_sum(confusion.matrix)  # every rank's images (one process: as is)
+    confusion.gt_images = distributed.all_reduce_sum(torch.from_numpy(confusion.gt_images)).numpy()
+    metrics = compute_metrics(confusion.confusion)
+    metrics["confusion"] = confusion.confusion
+    metrics["gt_images"] = confusion.gt_images
     return metrics
 
 

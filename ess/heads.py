@@ -16,8 +16,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ess.knn import BACKENDS, DEFAULT_CHUNK, IvfSearch, knn, resolve_backend
-from ess.losses import (SAMPLINGS, STRIDE_BLOCKS, bilinear_taps, block_negatives, ess_pixel_loss, separation_loss,
-                        softmax_loss, upsample_rows, upsampled_softmax_loss)
+from ess.losses import (SAMPLINGS, STRIDE_BLOCKS, bilinear_taps, block_negatives, ess_pixel_loss, rows_per_block,
+                        separation_loss, softmax_loss, upsample_rows, upsampled_softmax_loss)
 
 HEADS = ("softmax", "ess")
 SOFTMAX_IMPLS = ("dense", "chunked")
@@ -60,11 +60,6 @@ class UpsampledLogits:
     @property
     def shape(self) -> tuple[int, int, int, int]:
         return (*self.low.shape[:2], *self.crop)
-
-    def dense(self) -> torch.Tensor:
-        """The full-resolution logits (B, C, H', W'): what the dense head outputs."""
-        up = F.interpolate(self.low, size=self.size, mode="bilinear", align_corners=False)
-        return up[..., :self.crop[0], :self.crop[1]]
 
 
 def renormalized(mean_loss: torch.Tensor, mask: torch.Tensor, normalizer: float | None) -> torch.Tensor:
@@ -117,7 +112,7 @@ class SoftmaxHead(nn.Module):
         low = output.low.float().permute(0, 2, 3, 1).contiguous()
         (b, c, _, _), (height, width) = output.low.shape, output.crop
         taps_h = bilinear_taps(low.shape[1], output.size[0], low.device)
-        rows = max(1, self.chunk // max(1, b * width * c))
+        rows = rows_per_block(self.chunk, b, width, c)
         pred = torch.empty(b, height, width, dtype=torch.int64, device=low.device)
         for r in range(0, height, rows):
             block = slice(r, min(r + rows, height))

@@ -196,14 +196,15 @@ def close_pairs(base: torch.Tensor, radius: float, cells: int | None = None,
     reach = torch.zeros(cells, device=base.device).scatter_reduce_(0, assign, own, "amax")
     # float32 rounding must never skip a close pair: a little more than the radius is searched,
     # and the matmul-expanded squared distances below get a tolerance of their rounding.
-    slack = 1e-5 * (1.0 + 2 * float(base.norm(dim=1).max()))
+    base_sq = (base * base).sum(1)
+    largest_sq = float(base_sq.max())
+    slack = 1e-5 * (1.0 + 2 * largest_sq ** 0.5)
     visits = torch.empty(cells, num, dtype=torch.bool, device=base.device)  # which rows look into each cell
     for block in blocks:
         visits[:, block] = (to_centres(block) - reach < radius + slack).t()
     order = torch.argsort(assign, stable=True)
     counts = torch.bincount(assign, minlength=cells).tolist()
-    base_sq = (base * base).sum(1)
-    sq_slack = 1e-5 * (1.0 + 4 * float(base_sq.max()))
+    sq_slack = 1e-5 * (1.0 + 4 * largest_sq)
     best = torch.full((num,), float("inf"), device=base.device)  # squared distance to the nearest found
     nearest = torch.full((num,), -1, dtype=torch.int64, device=base.device)
     start = 0

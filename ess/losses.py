@@ -226,7 +226,7 @@ def separation_loss(class_emb: torch.Tensor, margin: float, knn: str = DEFAULT_K
         # Only classes with another within the margin have a non-zero term; found exactly.
         rows, nearest = close_pairs(class_emb, margin, chunk=chunk)
         gaps = euclidean(class_emb.index_select(0, rows), class_emb.index_select(0, nearest))
-        return F.relu(margin - gaps).sum() / num_classes + class_emb.sum() * 0
+        return F.relu(margin - gaps).sum() / num_classes  # no close pair: 0, still in the graph
     own = torch.arange(num_classes, device=class_emb.device)
     nearest = knn_excluding(class_emb, class_emb, own, 1, knn, chunk, ivf)[:, 0]
     return F.relu(margin - euclidean(class_emb, class_emb.index_select(0, nearest))).mean()
@@ -275,6 +275,11 @@ def _upsample_width(part: torch.Tensor, out_width: int, width: int) -> torch.Ten
     up = F.interpolate(part.permute(0, 3, 1, 2), size=(part.shape[1], out_width), mode="bilinear",
                        align_corners=False)
     return up.permute(0, 2, 3, 1)[:, :, :width]
+
+
+def rows_per_block(chunk: int, batch: int, width: int, classes: int) -> int:
+    """Output rows of upsampled logits per block, so a block holds at most `chunk` logits (at least one row)."""
+    return max(1, chunk // max(1, batch * width * classes))
 
 
 def upsample_rows(low: torch.Tensor, rows: slice, taps_h, size: tuple[int, int], width: int) -> torch.Tensor:
@@ -338,6 +343,6 @@ def upsampled_softmax_loss(low_logits: torch.Tensor, mask: torch.Tensor, size: t
     if height > size[0] or width > size[1]:
         raise ValueError(f"mask {height}x{width} is larger than the upsampled size {size[0]}x{size[1]}")
     target = mask.long() - 1  # class id c -> channel c-1; unlabeled -> -1
-    rows = max(1, chunk // max(1, low_logits.shape[0] * width * low_logits.shape[1]))
+    rows = rows_per_block(chunk, low_logits.shape[0], width, low_logits.shape[1])
     total = _UpsampledCrossEntropy.apply(low_logits, target, tuple(size), rows)
     return total / (target >= 0).sum().clamp_min(1)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import re
 import resource
-import statistics
 import sys
 import time
 from typing import Callable
@@ -106,7 +105,3 @@ def time_calls(fn: Callable[[], object], repeats: int, warmup: int = 0,
         synchronize(device)
         times.append(time.perf_counter() - start)
     return times
-
-
-def median(times: list[float]) -> float:
-    return statistics.median(times)

@@ -89,7 +89,6 @@ class Segmenter(nn.Module):
         self.decoder = decoder
         self.head = head
         self.args = args
-        self.output_stride = args.output_stride
 
     @classmethod
     def from_args(cls, args: ModelArgs) -> Segmenter:
@@ -119,8 +118,8 @@ class Segmenter(nn.Module):
         return cls(net.encoder, net.decoder, head, args)
 
     @property
-    def head_name(self) -> str:
-        return self.args.head
+    def output_stride(self) -> int:
+        return self.args.output_stride
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         """The parameters by optimiser group: encoder, decoder (with the head's layers), class_embeddings."""

@@ -14,6 +14,7 @@ optional value, and `tuple[int, ...]`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 import types
@@ -40,6 +41,7 @@ def option(default, help: str, *, choices: tuple | None = None, low: float | Non
         flag=flag, directory=directory, cli=cli))
 
 
+@functools.lru_cache(maxsize=None)
 def fields(cls) -> dict[str, tuple[dataclasses.Field, type, bool]]:
     """name -> (field, base type, optional) for a settings dataclass."""
     hints = typing.get_type_hints(cls)

@@ -127,13 +127,15 @@ class Records:
         self.main = distributed.is_main()
         self.log = open_log(out / "log.csv", LOG_FIELDS, start) if self.main else None
         self.val_log = open_log(out / "val.csv", VAL_FIELDS, start) if self.main and validating else None
+        self.log_rows = csv.DictWriter(self.log, LOG_FIELDS) if self.log is not None else None
+        self.val_rows = csv.DictWriter(self.val_log, VAL_FIELDS) if self.val_log is not None else None
         self.tb = tensorboard_writer(out) if self.main else None
         self.bar = tqdm(total=stop, initial=start, desc=desc, unit="it", disable=not (progress and self.main),
                         dynamic_ncols=True)
 
     def iteration(self, done: int, loss: float, lr: float, seconds: float) -> None:
         if self.log is not None:
-            csv.DictWriter(self.log, LOG_FIELDS).writerow(
+            self.log_rows.writerow(
                 {"iteration": done, "loss": f"{loss:.6g}", "lr": f"{lr:.6g}", "seconds": f"{seconds:.3f}"})
             self.log.flush()
         if self.tb is not None:
@@ -144,7 +146,7 @@ class Records:
 
     def validation(self, done: int, metrics: dict) -> None:
         if self.val_log is not None:
-            csv.DictWriter(self.val_log, VAL_FIELDS).writerow(
+            self.val_rows.writerow(
                 {"iteration": done, "miou": f"{metrics['miou']:.6g}", "pixel_acc": f"{metrics['pixel_acc']:.6g}"})
             self.val_log.flush()
         if self.tb is not None:
