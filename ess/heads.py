@@ -155,7 +155,10 @@ class EssHead(nn.Module):
         self.embeddings = nn.Parameter(torch.empty(num_classes, embed_dim).uniform_(-1.0, 1.0))
 
     def forward(self, features: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        emb = F.interpolate(self.projection(features), size=size, mode="bilinear", align_corners=False).float()
+        # Channels-last, as in SoftmaxHead: a pixel's d values side by side, so the normalisation, the
+        # loss's gather of the labelled pixels and the prediction read them in place.
+        low = self.projection(features).contiguous(memory_format=torch.channels_last)
+        emb = F.interpolate(low, size=size, mode="bilinear", align_corners=False).float()
         return F.normalize(emb, dim=1) if self.normalize else emb
 
     def class_embeddings(self) -> torch.Tensor:
@@ -187,25 +190,5 @@ class EssHead(nn.Module):
         b, d, h, w = output.shape
         classes = self.class_embeddings()
         backend = resolve_backend("auto" if self.knn == "ivf" else self.knn, output.device, classes.shape[0])
-        if backend == "torch":
-            return nearest_class_channels_first(output.float(), classes, self.chunk) + 1
-        flat = output.permute(0, 2, 3, 1).reshape(-1, d)
+        flat = output.permute(0, 2, 3, 1).reshape(-1, d)  # a view of the channels-last output
         return knn(flat, classes, 1, backend, self.chunk)[:, 0].view(b, h, w) + 1
-
-
-def nearest_class_channels_first(emb: torch.Tensor, classes: torch.Tensor, chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
-    """(B, H, W) index of the nearest row of `classes` (C, d) to each pixel of `emb` (B, d, H, W).
-
-    argmin ||p - c||^2 = argmax 2 c.p - ||c||^2, computed on the channels-first layout in blocks
-    of pixels (no transposed copy of the embeddings, at most `chunk` scores at once).
-    """
-    b, d, h, w = emb.shape
-    flat = emb.reshape(b, d, h * w)
-    neg_sq = -(classes * classes).sum(1)[None, :, None]  # (1, C, 1)
-    weight = classes[None].expand(b, -1, -1)  # (B, C, d)
-    step = max(1, chunk // max(1, b * classes.shape[0]))
-    out = torch.empty(b, h * w, dtype=torch.int64, device=emb.device)
-    for start in range(0, h * w, step):
-        scores = torch.baddbmm(neg_sq, weight, flat[:, :, start:start + step], alpha=2.0)  # (B, C, n)
-        out[:, start:start + step] = scores.argmax(1)
-    return out.view(b, h, w)

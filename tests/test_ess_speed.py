@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ess.heads import SoftmaxHead, UpsampledLogits, nearest_class_channels_first
+from ess.heads import SoftmaxHead, UpsampledLogits
 from ess.knn import IvfSearch, faiss_available, knn_excluding, knn_torch, recall_at_k, resolve_backend
 from ess.losses import STRIDE_BLOCKS, block_negatives, ess_pixel_loss, softmax_loss, upsampled_softmax_loss
 from ess.model import build_model
@@ -176,16 +176,18 @@ def test_ess_head_with_ivf_trains_and_predicts_exactly():
 
 
 @pytest.mark.parametrize("normalize", [True, False])
-def test_channels_first_prediction_is_the_nearest_class(normalize):
-    g = torch.Generator().manual_seed(8)
-    emb = torch.randn(2, 5, 7, 9, generator=g)
-    classes = torch.randn(23, 5, generator=g)
-    if normalize:
-        emb, classes = F.normalize(emb, dim=1), F.normalize(classes, dim=1)
-    flat = emb.permute(0, 2, 3, 1).reshape(-1, 5).double()
-    expected = torch.cdist(flat, classes.double()).argmin(1).view(2, 7, 9)
-    for chunk in (1, 100, 1 << 22):
-        assert torch.equal(nearest_class_channels_first(emb, classes, chunk), expected)
+@pytest.mark.parametrize("knn", ["torch", "faiss"])
+def test_ess_prediction_is_the_nearest_class_in_either_memory_layout(normalize, knn):
+    if knn == "faiss" and not faiss_available():
+        pytest.skip("faiss not installed")
+    torch.manual_seed(8)
+    head = ess_head(4, 23, embed_dim=5, normalize=normalize, knn=knn, knn_chunk=100)
+    out = head(torch.randn(2, 4, 7, 9), (14, 18)).detach()
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    flat = out.permute(0, 2, 3, 1).reshape(-1, 5).double()
+    expected = torch.cdist(flat, head.class_embeddings().detach().double()).argmin(1).view(2, 14, 18) + 1
+    assert torch.equal(head.predict(out), expected)
+    assert torch.equal(head.predict(out.contiguous()), expected)  # channels-first input too
 
 
 def test_auto_backend():
