@@ -12,37 +12,14 @@ import pandas as pd
 
 from bench.report import (files_section, markdown_table, new_figure, plain_log_ticks, plural,
                           save_figure, save_table, write_summary)
-from cocolvis.dataset import BuiltDataset
+from cocolvis.dataset import STATS_COLUMNS, BuiltDataset, read_stats
 from cocolvis.io import InputError
 
-STATS_COLUMNS = ["name", "pixels", "images", "lvis_pixels", "coco_pixels", "lvis_images", "coco_images"]
 # LVIS frequency groups (by the number of LVIS *train* images a category is annotated in),
 # plus the group of COCO-Stuff classes that have no LVIS counterpart.
 GROUPS = {"f": "frequent (>100 images)", "c": "common (11-100)", "r": "rare (1-10)", "none": "stuff only (no LVIS group)"}
 GROUP_COLORS = {"f": "#1f77b4", "c": "#ff7f0e", "r": "#d62728", "none": "#7f7f7f"}
 SOURCES = ["lvis", "coco", "both"]
-
-
-def read_stats_csv(path: Path) -> pd.DataFrame:
-    """A build's stats.csv indexed by class id; a missing, unreadable or non-CSV file is one InputError."""
-    if not path.exists():
-        raise InputError(path, "missing: not a `cocolvis build` output")
-    try:
-        stats = pd.read_csv(path, encoding="utf-8")
-    except UnicodeDecodeError:
-        raise InputError(path, "not UTF-8 text") from None
-    except pd.errors.EmptyDataError:
-        raise InputError(path, "empty: expected a CSV table with a header") from None
-    except pd.errors.ParserError as e:
-        raise InputError(path, f"malformed CSV: {' '.join(str(e).split())[:200]}") from None
-    except OSError as e:
-        raise InputError(path, f"cannot read: {e.strerror or e}") from None
-    if "id" not in stats.columns:
-        raise InputError(path, "no `id` column: not a `cocolvis build` stats.csv")
-    ids = pd.to_numeric(stats["id"], errors="coerce")
-    if ids.isna().any():
-        raise InputError(path, f"row {int(ids.isna().to_numpy().argmax()) + 1}: class id must be an integer")
-    return stats.assign(id=ids.astype("int64")).set_index("id")
 
 
 def read_class_stats(data: str | Path) -> pd.DataFrame:
@@ -52,17 +29,9 @@ def read_class_stats(data: str | Path) -> pd.DataFrame:
     """
     ds = BuiltDataset(data)
     path = ds.root / "stats.csv"
-    stats = read_stats_csv(path)
-    missing = [c for c in STATS_COLUMNS if c not in stats.columns]
-    if missing:
-        raise InputError(path, f"missing column(s) {', '.join(missing)}")
+    stats = pd.DataFrame(read_stats(path)).set_index("id")
     if list(stats.index) != list(range(1, ds.num_classes + 1)):
         raise InputError(path, f"class ids must be 1..{ds.num_classes} in order, as in classes.json")
-    counts = stats[STATS_COLUMNS[1:]].apply(pd.to_numeric, errors="coerce")
-    wrong = counts.isna() | (counts < 0) | (counts % 1 != 0)
-    if wrong.any().any():
-        bad = int(counts[wrong.any(axis=1)].index[0])
-        raise InputError(path, f"class {bad}: counts must be non-negative integers")
     classes = pd.DataFrame(ds.classes).set_index("id")
     renamed = stats.index[stats["name"] != classes["name"]]
     if len(renamed):
@@ -72,7 +41,7 @@ def read_class_stats(data: str | Path) -> pd.DataFrame:
     if len(bad_source):
         i = int(bad_source[0])
         raise InputError(ds.root / "classes.json", f"class {i}: source must be one of {', '.join(SOURCES)}")
-    df = counts.astype("int64")
+    df = stats[list(STATS_COLUMNS[2:])].copy()  # the counts, int64
     df.insert(0, "name", classes["name"])
     df.insert(1, "source", classes["source"])
     freq = classes["frequency"] if "frequency" in classes.columns else pd.Series(np.nan, index=classes.index)

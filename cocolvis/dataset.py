@@ -246,40 +246,46 @@ class BuiltDataset:
         image = _read_png(path, cv2.IMREAD_COLOR, f"image {record['id']} missing or unreadable under the images root")
         return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
-    def stats(self):
-        """stats.csv as a pandas DataFrame indexed by class id (its other columns are the caller's to check)."""
-        import pandas as pd
-
-        path = self.root / "stats.csv"
-        if not path.exists():
-            raise InputError(path, "missing: not a `cocolvis build` output")
-        try:
-            stats = pd.read_csv(path)
-        except (ValueError, OSError, UnicodeDecodeError) as e:  # pandas' parser errors are ValueErrors
-            raise InputError(path, f"unreadable CSV: {e}") from None
-        if "id" not in stats.columns:
-            raise InputError(path, "missing column(s) id")
-        return stats.set_index("id")
-
 
 def read_stats(path: Path) -> dict[str, np.ndarray]:
-    """stats.csv as {column: array}, the columns STATS_COLUMNS, counts non-negative integers."""
+    """stats.csv as {column: array} for the columns STATS_COLUMNS, in file order (other columns ignored).
+
+    Ids and counts are int64 (counts non-negative), names str objects. Anything else, a missing,
+    unreadable, empty or malformed file, a missing column, a short row, is one InputError naming
+    the row or class. The one reader of the file: `cocolvis summary` and the bench analyses use it.
+    """
     if not path.exists():
         raise InputError(path, "missing: not a `cocolvis build` output")
     try:
         with open(path, encoding="utf-8", newline="") as f:
-            rows = list(csv.reader(f))
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
-        raise InputError(path, f"unreadable CSV: {e}") from None
-    if not rows or tuple(rows[0]) != STATS_COLUMNS:
-        raise InputError(path, f"expected the columns {', '.join(STATS_COLUMNS)}")
-    columns = {}
-    for j, name in enumerate(STATS_COLUMNS):
-        values = [row[j] if len(row) == len(STATS_COLUMNS) else None for row in rows[1:]]
-        if name == "name":
-            columns[name] = np.array(values, dtype=object)
-            continue
-        if not all(v is not None and v.isdigit() for v in values):
-            raise InputError(path, "counts must be non-negative integers, one per column of each row")
-        columns[name] = np.array([int(v) for v in values], np.int64)
+            rows = list(csv.reader(f, strict=True))
+    except UnicodeDecodeError:
+        raise InputError(path, "not UTF-8 text") from None
+    except csv.Error as e:
+        raise InputError(path, f"malformed CSV: {e}") from None
+    except OSError as e:
+        raise InputError(path, f"cannot read: {e.strerror or e}") from None
+    if not rows:
+        raise InputError(path, "empty: expected a CSV table with a header")
+    header = rows[0]
+    missing = [c for c in STATS_COLUMNS if c not in header]
+    if missing:
+        raise InputError(path, f"missing column(s) {', '.join(missing)}")
+    short = next((i for i, row in enumerate(rows[1:], 1) if len(row) != len(header)), None)
+    if short is not None:
+        raise InputError(path, f"row {short}: {len(rows[short])} fields, expected {len(header)}")
+    values = {c: [_whole_number(row[header.index(c)]) for row in rows[1:]] for c in STATS_COLUMNS}
+    if None in values["id"]:
+        raise InputError(path, f"row {values['id'].index(None) + 1}: class id must be an integer")
+    columns = {"id": np.array(values["id"], np.int64), "name": np.array([row[header.index("name")] for row in rows[1:]], dtype=object)}
+    for c in STATS_COLUMNS[2:]:
+        if None in values[c]:
+            raise InputError(path, f"class {columns['id'][values[c].index(None)]}: counts must be non-negative integers")
+        columns[c] = np.array(values[c], np.int64)
     return columns
+
+
+def _whole_number(text: str) -> int | None:
+    """A non-negative int64 written in ASCII digits, else None."""
+    text = text.strip()
+    return int(text) if text.isascii() and text.isdigit() and int(text) < 2 ** 63 else None

@@ -212,7 +212,7 @@ def test_topn_missing_run_config(build, tmp_path):
     (b"\x00\xff\xfe not text \x89PNG", "not UTF-8 text"),
     (b"", "empty"),
     (b'id,name\n1,"unterminated\n', "malformed CSV"),
-    (b"a,b\n1,2\n", "no `id` column"),
+    (b"a,b\n1,2\n", "missing column(s) id, name"),
     (b"id,name,pixels,images,lvis_pixels,coco_pixels,lvis_images,coco_images\nx,cat,1,1,1,0,1,0\n", "row 1: class id"),
     (None, "class 2: counts must be non-negative integers"),  # a word among the counts
 ])

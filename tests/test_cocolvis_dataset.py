@@ -71,13 +71,18 @@ def test_stats_with_other_columns(built_train, tmp_path):
 
     (data / "stats.csv").write_text("a,b\n1,2\n")
     with pytest.raises(InputError, match="missing column"):
-        BuiltDataset(data).stats()
-    with pytest.raises(InputError, match="expected the columns"):
         read_stats(data / "stats.csv")
-    (data / "stats.csv").write_text("id,name,pixels,images,lvis_pixels,coco_pixels,lvis_images,coco_images\n"
-                                    "1,x,nan,1,1,1,1,1\n")
-    with pytest.raises(InputError, match="non-negative integers"):
+    header = "id,name,pixels,images,lvis_pixels,coco_pixels,lvis_images,coco_images"
+    for count in ("nan", "-1", "\u00b2", "9" * 30):  # the last two: a unicode digit, past int64
+        (data / "stats.csv").write_text(f"{header}\n1,x,{count},1,1,1,1,1\n", encoding="utf-8")
+        with pytest.raises(InputError, match="class 1: counts must be non-negative integers"):
+            read_stats(data / "stats.csv")
+    (data / "stats.csv").write_text(f"{header}\n1,x,1,1,1,1,1\n")
+    with pytest.raises(InputError, match="row 1: 7 fields, expected 8"):
         read_stats(data / "stats.csv")
+    (data / "stats.csv").write_text(f"extra,{header}\nz,2,y,5,1,4,1,0,1\n")  # other columns, any order
+    stats = read_stats(data / "stats.csv")
+    assert stats["id"].tolist() == [2] and stats["name"].tolist() == ["y"] and stats["coco_images"].tolist() == [1]
 
 
 def _ess(*args) -> subprocess.CompletedProcess:
