@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ess.knn import BACKENDS, DEFAULT_CHUNK, IvfSearch, knn, resolve_backend
+from ess.knn import BACKENDS, IvfSearch, knn, resolve_backend
 from ess.losses import (SAMPLINGS, STRIDE_BLOCKS, bilinear_taps, block_negatives, ess_pixel_loss, rows_per_block,
                         separation_loss, softmax_loss, upsample_rows, upsampled_softmax_loss)
 

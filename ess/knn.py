@@ -225,7 +225,8 @@ def close_pairs(base: torch.Tensor, radius: float, cells: int | None = None,
     return _nearest_within(base, row[keep], member[keep], radius)
 
 
-def _nearest_within(base: torch.Tensor, row: torch.Tensor, member: torch.Tensor, radius: float):
+def _nearest_within(base: torch.Tensor, row: torch.Tensor, member: torch.Tensor,
+                    radius: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Of candidate pairs (row, member), those within `radius` by the exact difference: each row's nearest, rows ascending."""
     gap = (base.index_select(0, row) - base.index_select(0, member)).pow(2).sum(1)
     keep = gap < radius ** 2
