@@ -274,10 +274,11 @@ def read_stats(path: Path) -> dict[str, np.ndarray]:
     short = next((i for i, row in enumerate(rows[1:], 1) if len(row) != len(header)), None)
     if short is not None:
         raise InputError(path, f"row {short}: {len(rows[short])} fields, expected {len(header)}")
-    values = {c: [_whole_number(row[header.index(c)]) for row in rows[1:]] for c in STATS_COLUMNS if c != "name"}
+    at = {c: header.index(c) for c in STATS_COLUMNS}
+    values = {c: [_whole_number(row[at[c]]) for row in rows[1:]] for c in STATS_COLUMNS if c != "name"}
     if None in values["id"]:
         raise InputError(path, f"row {values['id'].index(None) + 1}: class id must be an integer")
-    names = [row[header.index("name")] for row in rows[1:]]
+    names = [row[at["name"]] for row in rows[1:]]
     columns = {"id": np.array(values["id"], np.int64), "name": np.array(names, dtype=object)}
     for c in STATS_COLUMNS[2:]:
         if None in values[c]:
