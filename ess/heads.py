@@ -15,8 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ess.knn import BACKENDS, IvfSearch, knn, resolve_backend
-from ess.losses import (SAMPLINGS, STRIDE_BLOCKS, bilinear_taps, block_negatives, ess_pixel_loss, rows_per_block,
+from ess.knn import BACKENDS, IvfSearch, knn, resolve_backend, rows_per_block
+from ess.losses import (SAMPLINGS, STRIDE_BLOCKS, bilinear_taps, block_negatives, ess_pixel_loss,
                         separation_loss, softmax_loss, upsample_rows, upsampled_softmax_loss)
 
 HEADS = ("softmax", "ess")
@@ -112,7 +112,7 @@ class SoftmaxHead(nn.Module):
         low = output.low.float().permute(0, 2, 3, 1).contiguous()
         (b, c, _, _), (height, width) = output.low.shape, output.crop
         taps_h = bilinear_taps(low.shape[1], output.size[0], low.device)
-        rows = rows_per_block(self.chunk, b, width, c)
+        rows = rows_per_block(self.chunk, b * width * c)  # a row: B x W x C logits
         pred = torch.empty(b, height, width, dtype=torch.int64, device=low.device)
         for r in range(0, height, rows):
             block = slice(r, min(r + rows, height))

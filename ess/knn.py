@@ -75,6 +75,11 @@ def resolve_backend(backend: str, device: torch.device, num_classes: int) -> str
 
 
 @torch.no_grad()
+def rows_per_block(chunk: int, row_size: int) -> int:
+    """Rows of `row_size` elements per block, so a block holds at most `chunk` elements (at least one row)."""
+    return max(1, chunk // max(1, row_size))
+
+
 def knn_torch(queries: torch.Tensor, base: torch.Tensor, k: int, chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
     """Indices (N, k) of the k nearest rows of `base` (C, d) to each row of `queries` (N, d), nearest first."""
     queries = queries.detach().float()
@@ -83,7 +88,7 @@ def knn_torch(queries: torch.Tensor, base: torch.Tensor, k: int, chunk: int = DE
     # ||q - b||^2 = ||q||^2 - 2 q.b + ||b||^2; ||q||^2 is constant along a row, so it cannot change the ranking.
     base_sq = (base * base).sum(1)
     base_t = base.t().contiguous()
-    rows = max(1, chunk // max(1, base.shape[0]))
+    rows = rows_per_block(chunk, base.shape[0])
     out = torch.empty(queries.shape[0], k, dtype=torch.int64, device=queries.device)
     for start in range(0, queries.shape[0], rows):
         block = torch.addmm(base_sq, queries[start:start + rows], base_t, alpha=-2.0)
@@ -185,12 +190,13 @@ def close_pairs(base: torch.Tensor, radius: float, cells: int | None = None,
     if num < 2 or radius <= 0:
         return empty, empty
     cells = min(num, cells or max(1, round(1.5 * num ** 0.5)))
-    centres = base[torch.linspace(0, num - 1, cells, device=base.device).round().long()]
-    base_sq, centre_sq = (base * base).sum(1), (centres * centres).sum(1)
+    sample = torch.linspace(0, num - 1, cells, device=base.device).round().long()
+    base_sq = (base * base).sum(1)
+    centres, centre_sq = base[sample], base_sq[sample]
     # Squared distances by the matmul expansion carry float32 rounding of up to ~1e-6 of the squared
     # norms; every bound below is widened by more than that, so rounding never skips a close pair.
-    sq_slack = 1e-5 * (1.0 + 4 * float(torch.maximum(base_sq.max(), centre_sq.max())))
-    rows = max(1, chunk // cells)
+    sq_slack = 1e-5 * (1.0 + 4 * float(base_sq.max()))
+    rows = rows_per_block(chunk, cells)
     blocks = [slice(s, s + rows) for s in range(0, num, rows)]
 
     def to_centres(block: slice) -> torch.Tensor:  # (rows, cells) squared distances, clamped at 0

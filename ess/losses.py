@@ -14,7 +14,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ess.knn import DEFAULT_CHUNK, DEFAULT_KNN, IvfSearch, close_pairs, drop_excluded, knn, knn_excluding
+from ess.knn import (DEFAULT_CHUNK, DEFAULT_KNN, IvfSearch, close_pairs, drop_excluded, knn, knn_excluding,
+                     rows_per_block)
 
 SAMPLINGS = ("nearest", "random")
 # knn stride -> block (rows, columns) of pixels that share one search
@@ -100,7 +101,7 @@ def ess_pixel_loss(pixels: torch.Tensor, target: torch.Tensor, class_emb: torch.
     class_emb = class_emb.float()
     k = min(k, class_emb.shape[0] - 1)
     if negatives is None and sampling == "nearest" and uses_dense_path(class_emb.shape[0], knn, ivf):
-        rows = max(1, chunk // class_emb.shape[0])
+        rows = rows_per_block(chunk, class_emb.shape[0])
         return _DenseNearestNegativesCrossEntropy.apply(pixels, class_emb, target, k, float(tau), rows)
     if negatives is None:
         negatives = sample_negatives(pixels, class_emb, target, k, sampling, knn, chunk, ivf)
@@ -277,11 +278,6 @@ def _upsample_width(part: torch.Tensor, out_width: int, width: int) -> torch.Ten
     return up.permute(0, 2, 3, 1)[:, :, :width]
 
 
-def rows_per_block(chunk: int, batch: int, width: int, classes: int) -> int:
-    """Output rows of upsampled logits per block, so a block holds at most `chunk` logits (at least one row)."""
-    return max(1, chunk // max(1, batch * width * classes))
-
-
 def upsample_rows(low: torch.Tensor, rows: slice, taps_h, size: tuple[int, int], width: int) -> torch.Tensor:
     """Rows `rows` (and the first `width` columns) of the bilinear upsampling to `size` of channels-last
     `low` (B, h, w, C), as (B, R, width, C)."""
@@ -343,6 +339,6 @@ def upsampled_softmax_loss(low_logits: torch.Tensor, mask: torch.Tensor, size: t
     if height > size[0] or width > size[1]:
         raise ValueError(f"mask {height}x{width} is larger than the upsampled size {size[0]}x{size[1]}")
     target = mask.long() - 1  # class id c -> channel c-1; unlabeled -> -1
-    rows = rows_per_block(chunk, low_logits.shape[0], width, low_logits.shape[1])
+    rows = rows_per_block(chunk, low_logits.shape[0] * width * low_logits.shape[1])  # a row: B x W x C logits
     total = _UpsampledCrossEntropy.apply(low_logits, target, tuple(size), rows)
     return total / (target >= 0).sum().clamp_min(1)
