@@ -140,7 +140,8 @@ class _NearestNegativesCrossEntropy(torch.autograd.Function):
         g_diff = diff * coef[..., None]
         g_pixels = g_diff.sum(1)
         g_classes = torch.zeros(ctx.num_classes, diff.shape[2], dtype=diff.dtype, device=diff.device)
-        g_classes.index_add_(0, candidates.flatten(), g_diff.view(-1, diff.shape[2]), alpha=-1)
+        # d/dc_j = -d/d(p - c_j); negating the sum afterwards is exact and half the time of alpha=-1
+        g_classes.index_add_(0, candidates.flatten(), g_diff.view(-1, diff.shape[2])).neg_()
         return g_pixels, g_classes, None, None
 
 

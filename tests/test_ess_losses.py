@@ -96,6 +96,33 @@ def test_pruned_close_pairs_equal_brute_force(normalize, margin):
     if normalize:
         classes = F.normalize(classes, dim=1)
     rows, nearest = close_pairs(classes, margin, cells=85)
+    _assert_nearest_within(classes, margin, rows, nearest)
+
+
+@pytest.mark.parametrize("margin", [0.01, 0.2])
+def test_pruned_close_pairs_across_cell_boundaries_equal_brute_force(margin):
+    """Pairs straddling the bisector of two cell centres, where the pruning bounds are tightest."""
+    from ess.knn import close_pairs
+
+    g = torch.Generator().manual_seed(11)
+    classes = F.normalize(torch.randn(600, 12, generator=g), dim=1)
+    centre = torch.linspace(0, 599, 85).round().long()  # the rows close_pairs(cells=85) centres its cells on
+    a, b = centre[:-1], centre[1:]
+    middle = (classes[a] + classes[b]) / 2
+    step = (classes[b] - classes[a]) * (0.4 * margin / (classes[b] - classes[a]).norm(dim=1, keepdim=True))
+    free = torch.ones(600, dtype=torch.bool)
+    free[centre] = False
+    slots = free.nonzero()[:, 0]
+    classes[slots[:84]] = middle - step + 1e-7 * torch.randn(84, 12, generator=g)  # on a's side of the bisector
+    classes[slots[84:168]] = middle + step  # on b's side, 0.8 margin away
+    classes[slots[168]] = classes[a[0]]  # a duplicate of a centre
+    rows, nearest = close_pairs(classes, margin, cells=85)
+    _assert_nearest_within(classes, margin, rows, nearest)
+    assert rows.numel() >= 168
+
+
+def _assert_nearest_within(classes, margin, rows, nearest):
+    """rows: exactly the rows with another within `margin` (float64 brute force); nearest: a nearest other."""
     d = torch.cdist(classes.double(), classes.double()).fill_diagonal_(float("inf"))
     gap, expected_nearest = d.min(1)
     expected_rows = (gap < margin).nonzero()[:, 0]
