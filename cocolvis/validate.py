@@ -123,7 +123,8 @@ def _check_polygon_batch(polygons: list, heights: list, widths: list) -> list[tu
     hi[nonempty] = np.maximum.reduceat(xy, starts_ne)
     limit = np.stack([np.asarray(widths, np.float64), np.asarray(heights, np.float64)], 1) + POLYGON_MARGIN
     outside = (lo < -POLYGON_MARGIN).any(axis=1) | (hi > limit).any(axis=1)
-    outline = points * ((hi - lo).max(axis=1) + 1) > MAX_OUTLINE  # the cheap bound; exact below
+    with np.errstate(over="ignore"):  # a huge extent overflows to inf, which the exact check below then refuses
+        outline = points * ((hi - lo).max(axis=1) + 1) > MAX_OUTLINE  # the cheap bound; exact below
     found = []
     for i in np.flatnonzero(outside | outline):
         problem = check_polygon(polygons[i], heights[i], widths[i])

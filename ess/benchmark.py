@@ -2,11 +2,14 @@
 
     python -m ess.benchmark [--classes 19,150,1284,10000,20000] [--size 2x256x256]
 
-Each measurement runs in a fresh subprocess (after one warm-up step): the head (1x1 conv, bilinear upsampling
+Each measurement runs in fresh subprocesses (after one warm-up step): the head (1x1 conv, bilinear upsampling
 to the label size, loss) forward and backward on decoder features of a B x H x W
-batch, every pixel labelled. Peak memory (ess.measure.PeakMemory) is the process's peak
-resident set during the step minus its resident set just before it. A measurement
-predicted not to fit in the memory available is skipped and said so. Rows:
+batch, every pixel labelled. Time: the median of the timed steps, in a process that allocates
+as training does; with --rounds N, every time measurement is repeated in N interleaved rounds and the
+median taken. Peak memory (ess.measure.PeakMemory), in a process of its own whose allocator hands every
+large freed block back to the system: the process's peak resident set during one step minus its
+resident set just before it. A measurement predicted not to fit in the memory available is skipped
+and said so. Rows:
     softmax          C-way logits upsampled to the label size, cross-entropy
     softmax-chunked  the same loss from the decoder-resolution logits, upsampled a block of rows at a time
     ess              d=12 embeddings, exact nearest-neighbour negatives (the implementation: the whole
@@ -73,8 +76,10 @@ def naive_ess_loss(pixels, target, classes, k=K, tau=20.0, margin=0.2):
     return F.cross_entropy(logits, torch.zeros_like(target)) + reg
 
 
-def measure_step(head: str, classes: int, batch: int, height: int, width: int, repeats: int, knn: str) -> dict:
-    """One fresh-process measurement: peak extra memory of the timed steps, median time of them."""
+def measure_step(head: str, classes: int, batch: int, height: int, width: int, repeats: int, knn: str,
+                 memory: bool = False) -> dict:
+    """One fresh-process measurement after a warm-up step: the median time of `repeats` steps, or with
+    `memory` the peak extra memory of one step."""
     import torch
     import torch.nn.functional as F
 
@@ -103,18 +108,22 @@ def measure_step(head: str, classes: int, batch: int, height: int, width: int, r
     start = time.perf_counter()
     step()  # warm-up: lazy library set-up (and the IVF index's first clustering) is neither timed nor counted
     first = time.perf_counter() - start
-    with PeakMemory("cpu") as mem:
-        times = time_calls(step, repeats if first < 5 else 1)
-    return {"head": head, "classes": classes, "seconds": median(times),
-            "peak_mb": mem.increase_bytes() / 2 ** 20, "peak_method": mem.method}
+    if memory:
+        with PeakMemory("cpu") as mem:
+            step()
+        return {"head": head, "classes": classes, "peak_mb": mem.increase_bytes() / 2 ** 20, "peak_method": mem.method}
+    return {"head": head, "classes": classes, "seconds": median(time_calls(step, repeats if first < 5 else 1))}
 
 
-def run_child(head: str, classes: int, size: tuple[int, int, int], repeats: int, knn: str) -> dict:
+def run_child(head: str, classes: int, size: tuple[int, int, int], repeats: int, knn: str, memory: bool) -> dict:
     cmd = [sys.executable, "-m", "ess.benchmark", "--measure", f"{head}:{classes}",
-           "--size", "x".join(map(str, size)), "--repeats", str(repeats), "--knn", knn]
-    # A fixed mmap threshold makes glibc hand every large block back to the system when freed,
-    # so the warm-up step leaves no cached heap behind to hide the measured step's peak.
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
+           "--size", "x".join(map(str, size)), "--repeats", str(repeats), "--knn", knn] + (["--memory"] if memory else [])
+    env = dict(os.environ)
+    if memory:
+        # A fixed mmap threshold makes glibc hand every large block back to the system when freed, so the
+        # warm-up step leaves no cached heap behind to hide the measured step's peak. It also makes every
+        # large allocation fault its pages in afresh, which no training run pays: time is measured without it.
+        env["MALLOC_MMAP_THRESHOLD_"] = "131072"
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         reason = "killed (out of memory?)" if proc.returncode < 0 else proc.stderr.strip().splitlines()[-1:]
@@ -214,13 +223,16 @@ def _fmt_s(row: dict) -> str:
 @click.option("--heads", default=",".join(ROWS), show_default=True,
               help=f"Rows to measure, any of {', '.join(ROWS)} (see the module docstring); empty for none.")
 @click.option("--repeats", default=3, show_default=True, help="Timed steps after the first (median reported).")
+@click.option("--rounds", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Rounds of the time measurements, interleaved; the median over rounds is reported.")
 @click.option("--max-gb", type=float, help="Skip measurements predicted above this [default: available memory - 2 GB].")
 @click.option("--knn", type=click.Choice(BACKENDS), default=DEFAULT_KNN, show_default=True,
               help="kNN backend of the ESS rows.")
 @click.option("--no-knn-table", is_flag=True, help="Skip the kNN backend comparison and the stride / IVF table.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Also write every figure to this JSON file.")
 @click.option("--measure", hidden=True, help="Internal: HEAD:C, measure one step in this process and print JSON.")
-def main(classes, size, heads, repeats, max_gb, knn, no_knn_table, json_out, measure):
+@click.option("--memory", is_flag=True, hidden=True, help="Internal: with --measure, measure peak memory, not time.")
+def main(classes, size, heads, repeats, rounds, max_gb, knn, no_knn_table, json_out, measure, memory):
     """Peak memory and time of one loss step per head and class count, and kNN backend speed."""
     try:
         batch, height, width = (int(v) for v in size.lower().split("x"))
@@ -231,7 +243,7 @@ def main(classes, size, heads, repeats, max_gb, knn, no_knn_table, json_out, mea
         raise click.UsageError(f"--size {size!r}: height and width must be multiples of 4 (decoder stride)")
     if measure:
         head, c = measure.split(":")
-        click.echo(json.dumps(measure_step(head, int(c), batch, height, width, repeats, knn)))
+        click.echo(json.dumps(measure_step(head, int(c), batch, height, width, repeats, knn, memory)))
         return
     import torch
 
@@ -242,17 +254,27 @@ def main(classes, size, heads, repeats, max_gb, knn, no_knn_table, json_out, mea
     limit = max_gb * 1e9 if max_gb is not None else available_bytes() - 2e9
     click.echo(f"One training step (forward + backward) of the loss alone, labels {batch} x {height} x {width}, "
                f"d={EMBED_DIM}, k={K}, {torch.get_num_threads()} threads, kNN backend {knn}")
-    click.echo(f"Peak memory: extra resident memory of the step, fresh process each; skip above {limit / 1e9:.1f} GB "
-               "predicted.")
+    click.echo(f"Seconds: median of {repeats} steps{f' and of {rounds} interleaved rounds' if rounds > 1 else ''}; peak "
+               f"memory: extra resident memory of one step; fresh processes; skip above {limit / 1e9:.1f} GB predicted.")
+    def child(head, c, memory):
+        return run_child(head, c, (batch, height, width), repeats, knn, memory)
+
+    need = {(head, c): predicted_bytes(head, c, batch, height, width) for c in counts for head in head_names}
+    earlier = {key: [] for key in need}  # seconds of the rounds before the last
+    for r in range(rounds - 1):
+        click.echo(f"(time round {r + 1} of {rounds})")
+        for key in (key for key in need if need[key] <= limit):
+            earlier[key].append(child(*key, memory=False).get("seconds"))
     click.echo(f"{'head':<16} {'classes':>7} {'seconds':>8} {'peak MB':>9}  note")
     results = []
     for c in counts:
         for head in head_names:
-            need = predicted_bytes(head, c, batch, height, width)
-            if need > limit:
-                row = {"head": head, "classes": c, "skipped": f"predicted {need / 1e9:.1f} GB > {limit / 1e9:.1f} GB"}
+            if need[head, c] > limit:
+                row = {"head": head, "classes": c, "skipped": f"predicted {need[head, c] / 1e9:.1f} GB > {limit / 1e9:.1f} GB"}
             else:
-                row = run_child(head, c, (batch, height, width), repeats, knn)
+                row = {**child(head, c, memory=True), **child(head, c, memory=False)}
+                if "seconds" in row:
+                    row["seconds"] = median([t for t in earlier[head, c] if t is not None] + [row["seconds"]])
             results.append(row)
             note = row.get("skipped") or row.get("error") or ""
             click.echo(f"{head:<16} {c:>7} {_fmt_s(row)} {_fmt_mb(row)}  {note}")

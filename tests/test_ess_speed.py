@@ -1,5 +1,5 @@
 """The speed paths against their exact references: chunked softmax, shared (strided) negatives,
-IVF search, the auto backend and the channels-first prediction."""
+IVF search, the auto backend and the channels-first prediction; the loss-step benchmark's report."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -274,3 +274,20 @@ def test_dense_path_is_taken_for_small_exact_torch_searches_only():
     assert not uses_dense_path(DENSE_MAX_CLASSES + 1, "auto")
     assert not uses_dense_path(19, "faiss")  # an explicit faiss backend keeps faiss
     assert uses_dense_path(19, "ivf", IvfSearch()) and not uses_dense_path(5000, "ivf", IvfSearch(nlist=64))
+
+
+def test_loss_step_benchmark_reports_time_and_memory_of_every_row(tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from ess.benchmark import main
+
+    out = tmp_path / "steps.json"
+    result = CliRunner().invoke(main, ["--classes", "19", "--size", "1x8x8", "--heads", "softmax,ess", "--rounds", "2",
+                                       "--no-knn-table", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(out.read_text())["loss_steps"]
+    assert [(r["head"], r["classes"]) for r in rows] == [("softmax", 19), ("ess", 19)]
+    assert all("error" not in r and r["seconds"] > 0 and r["peak_mb"] >= 0 for r in rows), rows
+    assert "time round 1 of 2" in result.output
