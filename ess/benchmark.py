@@ -256,6 +256,7 @@ def main(classes, size, heads, repeats, rounds, max_gb, knn, no_knn_table, json_
                f"d={EMBED_DIM}, k={K}, {torch.get_num_threads()} threads, kNN backend {knn}")
     click.echo(f"Seconds: median of {repeats} steps{f' and of {rounds} interleaved rounds' if rounds > 1 else ''}; peak "
                f"memory: extra resident memory of one step; fresh processes; skip above {limit / 1e9:.1f} GB predicted.")
+
     def child(head, c, memory):
         return run_child(head, c, (batch, height, width), repeats, knn, memory)
 
