@@ -248,7 +248,9 @@ def _cell_visits(base: torch.Tensor, base_sq: torch.Tensor, sample: torch.Tensor
         sq = to_centres(block)
         # With rounding of up to sq_slack in every squared distance, a member's cell is its nearest centre
         # to within 2 sq_slack, and the computed difference here is off by up to 2 sq_slack more.
-        beyond = (sq - own_sq[block]) < gaps.index_select(1, assign[block]).mul_(2 * radius).add_(4 * sq_slack)
+        # gaps is symmetric: gathering its rows (contiguous) and transposing halves the time of gathering columns.
+        bound = gaps.index_select(0, assign[block]).mul_(2 * radius).add_(4 * sq_slack).t()
+        beyond = (sq - own_sq[block]) < bound
         torch.logical_and(beyond, sq < ball, out=visits[:, block])
     return visits, assign
 
