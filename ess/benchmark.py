@@ -261,10 +261,11 @@ def main(classes, size, heads, repeats, rounds, max_gb, knn, no_knn_table, json_
         return run_child(head, c, (batch, height, width), repeats, knn, memory)
 
     need = {(head, c): predicted_bytes(head, c, batch, height, width) for c in counts for head in head_names}
-    earlier = {key: [] for key in need}  # seconds of the rounds before the last
+    fits = [key for key, n in need.items() if n <= limit]
+    earlier = {key: [] for key in fits}  # seconds of the rounds before the last
     for r in range(rounds - 1):
         click.echo(f"(time round {r + 1} of {rounds})")
-        for key in (key for key in need if need[key] <= limit):
+        for key in fits:
             earlier[key].append(child(*key, memory=False).get("seconds"))
     click.echo(f"{'head':<16} {'classes':>7} {'seconds':>8} {'peak MB':>9}  note")
     results = []

@@ -77,12 +77,12 @@ def resolve_backend(backend: str, device: torch.device, num_classes: int) -> str
     return "faiss" if faiss_available() and num_classes >= FAISS_MIN_CLASSES else "torch"
 
 
-@torch.no_grad()
 def rows_per_block(chunk: int, row_size: int) -> int:
     """Rows of `row_size` elements per block, so a block holds at most `chunk` elements (at least one row)."""
     return max(1, chunk // max(1, row_size))
 
 
+@torch.no_grad()
 def knn_torch(queries: torch.Tensor, base: torch.Tensor, k: int, chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
     """Indices (N, k) of the k nearest rows of `base` (C, d) to each row of `queries` (N, d), nearest first."""
     queries = queries.detach().float()

@@ -1,5 +1,5 @@
 """The speed paths against their exact references: chunked softmax, shared (strided) negatives,
-IVF search, the auto backend and the channels-first prediction; the loss-step benchmark's report."""
+IVF search, the auto backend and the prediction in either memory layout; the loss-step benchmark's report."""
 import pytest
 import torch
 import torch.nn.functional as F
