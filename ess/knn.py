@@ -3,8 +3,9 @@
 Backends (all return int64 indices (N, k), nearest first, on the queries' device):
     torch  exact: chunked matmul + top-k, on whatever device the tensors live on
     faiss  exact: IndexFlatL2 (GpuIndexFlatL2 when faiss-gpu sees a GPU and the tensors are on CUDA)
-    ivf    approximate: an inverted-file index (`IvfSearch`), faiss IndexIVFFlat (GpuIndexIVFFlat on
-           CUDA with faiss-gpu) or a torch k-means plus per-cell search where faiss is absent;
+    ivf    approximate: an inverted-file index (`IvfSearch`), faiss IndexIVFScalarQuantizer with float16
+           codes on the CPU (GpuIndexIVFFlat on CUDA with faiss-gpu) or a torch k-means plus per-cell
+           search where faiss is absent;
            exact search below IVF_MIN_CLASSES classes, where an index cannot win
     auto   on CUDA faiss-gpu when installed, else torch (no host copies); on the CPU torch
            below FAISS_MIN_CLASSES classes and faiss from there, the faster of the two as measured
@@ -18,6 +19,7 @@ from __future__ import annotations
 import functools
 
 import torch
+import torch.nn.functional as F
 
 BACKENDS = ("auto", "torch", "faiss", "ivf")
 DEFAULT_KNN = "auto"
@@ -310,6 +312,12 @@ def kmeans_torch(points: torch.Tensor, clusters: int, iters: int = 10, seed: int
     return centroids
 
 
+def _padded(x: torch.Tensor, d: int):
+    """(N, d) float32 numpy copy of (N, d') rows, d' <= d, zero-padded: L2 distances between padded rows are unchanged."""
+    x = x.detach().float().cpu()
+    return F.pad(x, (0, d - x.shape[1])).contiguous().numpy()
+
+
 def ivf_uses_faiss(device: torch.device, prefer: bool | None = None) -> bool:
     """Whether IVF goes through faiss: `prefer` when given; else where faiss searches on the data's own
     device (any faiss on the CPU, faiss-gpu on CUDA), so CUDA embeddings never make a host round trip."""
@@ -327,11 +335,12 @@ class IvfSearch:
     between, every `update` files the current embeddings into the kept cells, so the search
     always ranks the current embeddings, only the partition is stale.
 
-    faiss's IndexIVFFlat (GpuIndexIVFFlat for CUDA tensors with faiss-gpu) when faiss can
-    search where the tensors live (use_faiss=None: faiss-gpu for CUDA tensors, any faiss for
-    CPU ones), else a torch k-means and a per-cell search on the tensors' device. Below `min_classes` classes, or
-    with nprobe >= nlist, `search` is exact. A query whose probed cells hold fewer than k
-    classes is searched exactly, so every row has k valid indices.
+    faiss when it can search where the tensors live (use_faiss=None: faiss-gpu for CUDA tensors,
+    any faiss for CPU ones): on the CPU IndexIVFScalarQuantizer holding float16 codes of the
+    embeddings (a search is exact among those codes), on CUDA GpuIndexIVFFlat; else a torch
+    k-means and a per-cell search on the tensors' device. Below `min_classes` classes, or with
+    nprobe >= nlist, `search` is exact. A query whose probed cells hold fewer than k classes is
+    searched exactly, so every row has k valid indices.
     """
 
     def __init__(self, nlist: int | None = None, nprobe: int | None = None, rebuild_every: int = 100,
@@ -396,19 +405,34 @@ class IvfSearch:
 
     def _faiss_index(self, base: torch.Tensor):
         faiss = _require_faiss()
-        d, nlist = base.shape[1], self.centroids.shape[0]
-        quantizer = faiss.IndexFlatL2(d)
-        quantizer.add(self.centroids.cpu().contiguous().numpy())
-        # A quantizer holding exactly nlist centroids makes the index trained; faiss keeps a reference to it.
-        index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_L2)
+        nlist = self.centroids.shape[0]
         if faiss_uses_gpu(base.device):  # the empty trained index moves to the GPU; CUDA tensors go in directly
+            d = base.shape[1]
+            index = faiss.IndexIVFFlat(self._quantizer(self.centroids, d), d, nlist, faiss.METRIC_L2)
             ordinal = _gpu_device(base.device)
             index = faiss.index_cpu_to_gpu(_faiss_gpu_resources(ordinal), ordinal, index)
             index.add(base.contiguous())
         else:
-            index.add(base.cpu().contiguous().numpy())
+            # On the CPU the lists hold float16 codes of the embeddings, zero-padded to a multiple of 8
+            # dimensions (distances unchanged): faiss scans those with SIMD, where IndexIVFFlat computes one
+            # float32 distance at a time. 8192 queries, 20000 / 10000 classes on 2 CPU cores: 1.9x / 1.7x
+            # faster, recall@8 99.56 -> 99.51% / 98.66 -> 98.63%. Only the candidates come from the codes:
+            # the loss recomputes every distance in float32.
+            d = -(-base.shape[1] // 8) * 8
+            index = faiss.IndexIVFScalarQuantizer(self._quantizer(self.centroids, d), d, nlist,
+                                                  faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_L2, False)
+            vectors = _padded(base, d)
+            index.train(vectors[:1])  # float16 codes need no statistics: this only marks the index trained
+            index.add(vectors)
         index.nprobe = self.cells(base.shape[0])[1]
         return index
+
+    @staticmethod
+    def _quantizer(centroids: torch.Tensor, d: int):
+        """The coarse quantizer: a flat index of the `nlist` centroids (padded to d), which makes the IVF index trained."""
+        quantizer = faiss_module().IndexFlatL2(d)
+        quantizer.add(_padded(centroids, d))
+        return quantizer  # the IVF index keeps a reference to it
 
     @torch.no_grad()
     def search(self, queries: torch.Tensor, base: torch.Tensor, k: int) -> torch.Tensor:
@@ -429,7 +453,7 @@ class IvfSearch:
         if faiss_uses_gpu(queries.device):
             _, idx = self._index.search(queries.contiguous(), k)
             return idx.to(dtype=torch.int64)
-        _, idx = self._index.search(queries.cpu().contiguous().numpy(), k)
+        _, idx = self._index.search(_padded(queries, self._index.d), k)
         return torch.from_numpy(idx).to(device=queries.device, dtype=torch.int64)
 
     def _search_torch(self, queries: torch.Tensor, base: torch.Tensor, k: int) -> torch.Tensor:
