@@ -139,6 +139,20 @@ def test_ivf_search_is_exact_within_the_probed_cells(use_faiss):
     assert (got >= 0).all() and recall_at_k(got, exact) > 0.8
 
 
+@needs_faiss
+def test_ivf_keeps_float32_lists_beyond_float16_range():
+    """Embeddings that float16 cannot hold (an unnormalised run) are filed as they are, not as infinities."""
+    g = torch.Generator().manual_seed(7)
+    base = torch.randn(400, 8, generator=g) * 1e5
+    queries = torch.randn(300, 8, generator=g) * 1e5
+    ivf = IvfSearch(nlist=16, nprobe=3, min_classes=0, use_faiss=True)
+    ivf.update(base)
+    got = ivf.search(queries, base, 6)
+    expected, reachable = reference_ivf(queries, base, ivf.centroids, 3, 6)
+    full = reachable >= 6
+    assert full.float().mean() > 0.9 and (got[full] == expected[full]).all(1).float().mean() > 0.99
+
+
 def test_ivf_rebuilds_every_n_updates_and_refiles_moved_embeddings():
     g = torch.Generator().manual_seed(6)
     base = torch.randn(300, 4, generator=g)
