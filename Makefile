@@ -50,9 +50,9 @@ test: setup
 	$(BIN)/python -m pytest
 
 bench: setup
-	$(BIN)/python -m cocolvis.benchmark
-	$(BIN)/python -m ess.benchmark
-	$(BIN)/python -m bench.benchmark
+	$(BIN)/python -m benchmarks.build
+	$(BIN)/python -m benchmarks.loss_step
+	$(BIN)/python -m benchmarks.analysis
 
 clean:
 	rm -rf $(VENV) $(DEMO) .pytest_cache

@@ -9,8 +9,10 @@ from pathlib import Path
 
 import click
 
-from bench.definitions import GROUP_DEFINITION, TIMING_HEADS, TOPN_DEFINITION, VARIANTS
-from cocolvis.errors import CommandGroup
+from bench.definitions import GROUP_DEFINITION, TOPN_DEFINITION
+from ess import variants
+from ess.config import ENCODERS
+from segkit.errors import CommandGroup
 
 _dir = click.Path(exists=True, file_okay=False, path_type=Path)
 _out = click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
@@ -86,11 +88,11 @@ def _size(ctx, param, value):
 @click.option("--batch", type=click.IntRange(min=2), default=None,
               help="Images per batch (preset: 2); at least 2, since the batch norm of DeepLabV3+'s image-pooling "
                    "branch needs two images in training. Inference time is reported per image.")
-@click.option("--encoder", default=None,
-              help="Encoder, any that `ess train --encoder` accepts, overriding the preset's (resnet18 / resnet50).")
-@click.option("--heads", default=",".join(TIMING_HEADS), show_default=True,
-              help="Heads to time, comma-separated: softmax, softmax-chunked (the exact loss without full-resolution "
-                   "logits), ess, ess-stride4 (one kNN search per 2x2 pixels), ess-ivf (IVF search), ess-stride4-ivf.")
+@click.option("--encoder", type=click.Choice(ENCODERS), default=None,
+              help="Encoder, overriding the preset's (resnet18 / resnet50).")
+@click.option("--heads", default=",".join(variants.default("timing")), show_default=True,
+              help="Variants to time, comma-separated, any of: " + "; ".join(
+                  f"{v.name} ({v.label})" for v in variants.VARIANTS.values()) + ".")
 @click.option("--repeats", type=click.IntRange(min=1), default=None,
               help="Timed iterations per measurement; the median is reported (preset: cpu 5, paper 10).")
 @click.option("--warmup", type=click.IntRange(min=0), default=None,
@@ -108,15 +110,8 @@ def timing(preset, classes, size, batch, encoder, heads, repeats, warmup, device
     """Inference seconds per image and training seconds per iteration, with peak memory, for each
     class count and head, on synthetic tensors; each measurement runs in a fresh process."""
     from bench.timing import run_timing, timing_plan
-    from ess.heads import VARIANTS
-    from ess.model import ENCODERS
 
-    if encoder is not None and encoder not in ENCODERS:
-        raise click.BadParameter(f"{encoder!r} is not one of {', '.join(ENCODERS)}", param_hint="--encoder")
-    head_list = [h.strip() for h in heads.split(",") if h.strip()]
-    bad = [h for h in head_list if h not in VARIANTS]
-    if bad or not head_list:
-        raise click.BadParameter(f"heads must be any of {', '.join(VARIANTS)}, got {heads!r}", param_hint="--heads")
+    head_list = variants.parse(heads, "timing", "--heads")
     plan = timing_plan(preset, classes=classes, size=size, batch=batch, encoder=encoder, heads=head_list,
                        repeats=repeats, warmup=warmup, device=device, amp=amp, threads=threads, rounds=rounds)
     run_timing(plan, out)
@@ -170,15 +165,16 @@ def compare(evals: tuple[Path, ...], data: Path | None, out: Path):
     "paper's claims: OUT/runs/<variant>, study.csv, study.md, topn_miou.png, learning_curve.png. Every variant "
     "gets the same data, iterations, seed and schedule and differs only in its model options; each is evaluated "
     "on --val-data at its last checkpoint.\n\n"
-    "Variants: " + "; ".join(f"{name} ({', '.join(f'{k}: {v}' for k, v in opts.items())})"
-                             for name, opts in VARIANTS.items())
-    + ". A variant whose options this version of ess lacks is not offered.\n\nstudy.csv groups: " + GROUP_DEFINITION))
+    "Variants: " + "; ".join(f"{v.name} ({', '.join(f'{k}: {x}' for k, x in v.options.items())})"
+                             for v in variants.VARIANTS.values())
+    + ".\n\nstudy.csv groups: " + GROUP_DEFINITION))
 @click.option("--data", required=True, type=_dir, help="Training build (a `cocolvis build` output).")
 @click.option("--val-data", required=True, type=_dir,
               help="Validation build: the learning curves during training and the final evaluation.")
 @_out
 @click.option("--variants", default=None,
-              help="Comma-separated variant names, trained in this order [default: all that are available].")
+              help="Comma-separated variant names, trained in this order [default: " + ",".join(variants.default("study"))
+                   + "].")
 @click.option("--iters", type=click.IntRange(min=1), default=None,
               help="Training iterations of every variant [default: the preset's].")
 @click.option("--preset", default="study", show_default=True,

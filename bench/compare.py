@@ -13,81 +13,14 @@ import numpy as np
 import pandas as pd
 
 from bench.definitions import GROUP_DEFINITION, TOP
-from bench.longtail import frequency_order, read_class_stats
 from bench.report import files_section, fmt, markdown_table, save_table, write_summary
-from bench.topn import read_eval, run_labels, training_data
-from cocolvis.io import InputError
-from ess.metrics import per_class_iou
+from bench.tables import (GROUP_COLUMNS, ROW_COLUMNS, evaluation_rows, read_class_stats, read_eval, run_labels,
+                          training_data)
+from segkit.io import InputError
 
-GROUP_COLUMNS = ("miou", "miou_top50", "miou_tail", "miou_lvis_f", "miou_lvis_c", "miou_lvis_r", "miou_stuff")
 GROUP_NAMES = {"miou": "all classes", "miou_top50": f"the {TOP} most frequent classes", "miou_tail": "the tail",
                "miou_lvis_f": "LVIS frequent", "miou_lvis_c": "LVIS common", "miou_lvis_r": "LVIS rare",
                "miou_stuff": "stuff", "pixel_acc": "pixel accuracy"}
-ROW_COLUMNS = ("run", "head", *GROUP_COLUMNS, "pixel_acc", "classes_present", "iters", "train_seconds")
-
-
-def class_groups(stats: pd.DataFrame) -> dict[str, np.ndarray]:
-    """column -> boolean mask over class indices 0..C-1 (see GROUP_DEFINITION)."""
-    ranked = frequency_order(stats, "pixels").index.to_numpy() - 1
-    top = np.zeros(len(stats), dtype=bool)
-    top[ranked[:TOP]] = True
-    group, source = stats["group"].to_numpy(), stats["source"].to_numpy()
-    return {
-        "miou": np.ones(len(stats), dtype=bool),
-        "miou_top50": top,
-        "miou_tail": ~top,
-        "miou_lvis_f": group == "f",
-        "miou_lvis_c": group == "c",
-        "miou_lvis_r": group == "r",
-        "miou_stuff": np.isin(source, ("coco", "both")),
-    }
-
-
-def group_miou(iou: np.ndarray, members: np.ndarray) -> float:
-    """Mean IoU over the member classes present (IoU not NaN); NaN when none is."""
-    values = iou[members]
-    values = values[~np.isnan(values)]
-    return float(values.mean()) if values.size else float("nan")
-
-
-def read_csv_log(path: Path) -> pd.DataFrame:
-    """A run's log.csv or val.csv."""
-    try:
-        return pd.read_csv(path)
-    except FileNotFoundError:
-        raise InputError(path, "missing: not a finished `ess train` run") from None
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
-        raise InputError(path, f"unreadable CSV: {' '.join(str(e).split())[:200]}") from None
-
-
-def training_record(run: Path) -> tuple[int, float]:
-    """(iterations done, training seconds) from the last row of RUN/log.csv; (0, NaN) without a log."""
-    if not (run / "log.csv").exists():
-        return 0, float("nan")
-    log = read_csv_log(run / "log.csv")
-    if log.empty or not {"iteration", "seconds"} <= set(log.columns):
-        raise InputError(run / "log.csv", "no training rows")
-    last = log.iloc[-1]
-    return int(last["iteration"]), float(last["seconds"])
-
-
-def evaluation_rows(evals: dict[str, dict], stats: pd.DataFrame, stats_path: Path) -> tuple[pd.DataFrame, dict]:
-    """One row per labelled evaluation (`read_eval` of an `ess eval` directory; ROW_COLUMNS), and label -> per-class IoU."""
-    groups = class_groups(stats)
-    rows, ious = [], {}
-    for label, ev in evals.items():
-        if ev["confusion"].shape[0] != len(stats):
-            raise InputError(ev["dir"] / "confusion.npz", f"{ev['confusion'].shape[0]} classes, but {stats_path} "
-                                                          f"has {len(stats)}")
-        iou = per_class_iou(ev["confusion"])
-        ious[label] = iou
-        run = Path(ev["metrics"]["run"]) if ev["metrics"].get("run") else ev["dir"].parent
-        iters, seconds = training_record(run)
-        rows.append({"run": label, "head": ev["metrics"].get("head"),
-                     **{col: group_miou(iou, members) for col, members in groups.items()},
-                     "pixel_acc": ev["metrics"].get("pixel_acc"), "classes_present": int((~np.isnan(iou)).sum()),
-                     "iters": iters, "train_seconds": round(seconds, 1)})
-    return pd.DataFrame(rows, columns=list(ROW_COLUMNS)), ious
 
 
 def winners(table: pd.DataFrame) -> pd.DataFrame:

@@ -1,4 +1,4 @@
-"""What the bench analyses compute, in words, and the study's variants: shared by `--help` and the summaries.
+"""What the bench analyses compute, in words: shared by `--help` and the summaries.
 
 Plain Python only (no numpy, pandas or torch), so that `bench --help` stays instant.
 """
@@ -13,25 +13,14 @@ TOPN_DEFINITION = (
     "(NaN) when none of the top n is present. So mIoU@C equals metrics.json's miou."
 )
 
-# The heads `bench timing` measures unless told otherwise (names of ess.heads.VARIANTS).
-TIMING_HEADS = ("softmax", "softmax-chunked", "ess", "ess-stride4-ivf")
-
-# The study's variants: name -> the model options it changes from the study's configuration.
-# Every variant shares the data, iterations, seed and schedule; only these options differ.
-# A variant whose options this version of `ess` lacks is not offered (see bench.study.available_variants).
-VARIANTS: dict[str, dict] = {
-    "softmax": {"head": "softmax"},
-    "ess": {"head": "ess"},
-    "ess-random": {"head": "ess", "sampling": "random"},
-    "ess-no-norm": {"head": "ess", "normalize": False},
-    "ess-no-reg": {"head": "ess", "reg": False},
-    "softmax-gn": {"head": "softmax", "norm": "gn"},
-    "ess-gn": {"head": "ess", "norm": "gn"},
-    "ess-stride4": {"head": "ess", "knn_stride": 4},
-    "ess-stride8": {"head": "ess", "knn_stride": 8},
-}
-
 TOP = 50  # miou_top50 / miou_tail split
+
+# LVIS frequency groups (by the number of LVIS *train* images a category is annotated in), plus the
+# group of COCO-Stuff classes that have no LVIS counterpart, as the figures name and colour them;
+# and where a class comes from.
+GROUPS = {"f": "frequent (>100 images)", "c": "common (11-100)", "r": "rare (1-10)", "none": "stuff only (no LVIS group)"}
+GROUP_COLORS = {"f": "#1f77b4", "c": "#ff7f0e", "r": "#d62728", "none": "#7f7f7f"}
+SOURCES = ["lvis", "coco", "both"]
 
 GROUP_DEFINITION = (
     f"Per-class IoU is TP / (TP + FP + FN) from the evaluation's C x C confusion matrix; a group's mIoU is the mean "

@@ -13,11 +13,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from bench.longtail import GROUP_COLORS, GROUPS, frequency_order, read_class_stats
+from bench.definitions import GROUP_COLORS, GROUPS
+from bench.tables import frequency_order, read_class_stats
 from bench.report import (files_section, fmt, markdown_table, new_figure, plural, save_figure, save_table,
                           write_summary)
 from cocolvis.dataset import BuiltDataset
-from cocolvis.io import InputError, write_text
+from segkit.io import InputError, write_text
 
 
 def most_classes_image(dataset: BuiltDataset, progress: bool = True) -> dict:

@@ -12,48 +12,9 @@ import pandas as pd
 
 from bench.report import (files_section, markdown_table, new_figure, plain_log_ticks, plural,
                           save_figure, save_table, write_summary)
-from cocolvis.dataset import STATS_COLUMNS, BuiltDataset, read_stats
-from cocolvis.io import InputError
-
-# LVIS frequency groups (by the number of LVIS *train* images a category is annotated in),
-# plus the group of COCO-Stuff classes that have no LVIS counterpart.
-GROUPS = {"f": "frequent (>100 images)", "c": "common (11-100)", "r": "rare (1-10)", "none": "stuff only (no LVIS group)"}
-GROUP_COLORS = {"f": "#1f77b4", "c": "#ff7f0e", "r": "#d62728", "none": "#7f7f7f"}
-SOURCES = ["lvis", "coco", "both"]
-
-
-def read_class_stats(data: str | Path) -> pd.DataFrame:
-    """One row per class (indexed by id 1..C): classes.json joined with stats.csv, checked.
-
-    Adds `group` (the LVIS frequency r/c/f, or "none" for stuff-only classes).
-    """
-    ds = BuiltDataset(data)
-    path = ds.root / "stats.csv"
-    stats = pd.DataFrame(read_stats(path)).set_index("id")
-    if list(stats.index) != list(range(1, ds.num_classes + 1)):
-        raise InputError(path, f"class ids must be 1..{ds.num_classes} in order, as in classes.json")
-    classes = pd.DataFrame(ds.classes).set_index("id")
-    renamed = stats.index[stats["name"] != classes["name"]]
-    if len(renamed):
-        i = int(renamed[0])
-        raise InputError(path, f"class {i} is named {stats.at[i, 'name']!r} but {classes.at[i, 'name']!r} in classes.json")
-    bad_source = classes.index[~classes["source"].isin(SOURCES)] if "source" in classes.columns else classes.index
-    if len(bad_source):
-        i = int(bad_source[0])
-        raise InputError(ds.root / "classes.json", f"class {i}: source must be one of {', '.join(SOURCES)}")
-    df = stats[list(STATS_COLUMNS[2:])].copy()  # the counts, int64
-    df.insert(0, "name", classes["name"])
-    df.insert(1, "source", classes["source"])
-    freq = classes["frequency"] if "frequency" in classes.columns else pd.Series(np.nan, index=classes.index)
-    df.insert(2, "group", freq.where(freq.isin(["r", "c", "f"]), "none"))
-    return df
-
-
-def frequency_order(df: pd.DataFrame, by: str) -> pd.DataFrame:
-    """Classes most frequent first by `by` ("pixels" or "images"), ties by the other count, then by id."""
-    other = "images" if by == "pixels" else "pixels"
-    tmp = df.assign(_id=df.index)
-    return tmp.sort_values([by, other, "_id"], ascending=[False, False, True], kind="stable").drop(columns="_id")
+from bench.definitions import GROUP_COLORS, GROUPS, SOURCES
+from bench.tables import frequency_order, read_class_stats
+from segkit.io import InputError
 
 
 def ranked_classes(df: pd.DataFrame) -> pd.DataFrame:

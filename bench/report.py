@@ -14,7 +14,7 @@ import click
 import pandas as pd
 from matplotlib.figure import Figure
 
-from cocolvis.io import atomic_path, write_text
+from segkit.io import atomic_path, write_text
 
 SUMMARY = "summary.md"
 

@@ -1,6 +1,6 @@
 """`bench study`: the softmax and ESS heads and the ablations of ESS, trained and evaluated alike.
 
-Every variant (bench.definitions.VARIANTS) is one run directory OUT/runs/<variant>,
+Every variant (ess.variants.VARIANTS) is one run directory OUT/runs/<variant>,
 trained with `ess.train.train` from the same resolved configuration (data, iterations,
 seed, schedule), changed only in the variant's model options, and evaluated on the
 validation build with `ess.evaluate.evaluate_run` at its last checkpoint. Then, from the
@@ -23,12 +23,14 @@ from pathlib import Path
 import click
 import pandas as pd
 
-from bench.compare import ROW_COLUMNS, evaluation_rows, read_csv_log
-from bench.definitions import GROUP_DEFINITION, VARIANTS
-from bench.longtail import read_class_stats
+from bench.definitions import GROUP_DEFINITION
 from bench.report import files_section, fmt, markdown_table, new_figure, save_figure, save_table, write_summary
-from bench.topn import plot_topn, read_eval, topn_table
-from cocolvis.io import InputError
+from bench.tables import ROW_COLUMNS, evaluation_rows, read_class_stats, read_csv_log, read_eval
+from bench.topn import plot_topn, topn_table
+from ess import config as cfg
+from ess.variants import VARIANTS
+from ess.variants import parse as parse_variants
+from segkit.io import InputError
 
 STUDY_COLUMNS = ("variant", *ROW_COLUMNS[1:])
 CHECKPOINT = "last"  # every variant is evaluated after the same number of iterations
@@ -45,42 +47,13 @@ PAPER = {
 
 # --- configuration ------------------------------------------------------------------------------------------
 
-def available_variants() -> list[str]:
-    """The variants whose options this version of `ess` has (e.g. ess-stride4 needs `knn_stride`)."""
-    from ess.config import KEYS
-
-    return [name for name, options in VARIANTS.items() if set(options) <= set(KEYS)]
-
-
-def parse_variants(text: str | None) -> list[str]:
-    """Variant names from a comma-separated list (None: all available), in the order given, checked."""
-    offered = available_variants()
-    if text is None:
-        return offered
-    names = list(dict.fromkeys(v.strip() for v in text.split(",") if v.strip()))
-    for name in names:
-        if name not in VARIANTS:
-            raise InputError(None, f"--variants: unknown variant {name!r}; available: {', '.join(offered)}")
-        if name not in offered:
-            from ess.config import KEYS
-
-            missing = ", ".join(k for k in VARIANTS[name] if k not in KEYS)
-            raise InputError(None, f"--variants: {name!r} needs option(s) this version of ess lacks ({missing}); "
-                                   f"available: {', '.join(offered)}")
-    if not names:
-        raise InputError(None, "--variants: give at least one variant")
-    return names
-
-
 def variant_configs(data: Path, val_data: Path, variants: list[str], iters: int | None = None,
                     preset: str | None = "study", config_file: Path | None = None) -> dict:
     """variant -> its resolved ess.config.Config: the shared configuration plus the variant's model options."""
-    from ess import config as cfg
-
     base = cfg.resolve(preset, config_file, {"data": str(data), "val_data": str(val_data), "iters": iters})
     configs = {}
     for name in variants:
-        config = base.updated(VARIANTS[name], f"variant {name}")
+        config = base.updated(VARIANTS[name].options, f"variant {name}")
         cfg.check_for_training(config, f"variant {name}")
         configs[name] = config
     return configs
@@ -88,8 +61,6 @@ def variant_configs(data: Path, val_data: Path, variants: list[str], iters: int 
 
 def check_same_config(config, run: Path) -> None:
     """A resumed variant must continue with the configuration it started with."""
-    from ess import config as cfg
-
     path = run / "config.yaml"
     saved, wanted = cfg.load(path).to_dict(), config.to_dict()
     if wanted.get("images_root") is None:
@@ -253,7 +224,7 @@ def run_study(data: str | Path, val_data: str | Path, out: str | Path, variants:
               resume: bool = False, progress: bool = True, echo: bool = True) -> dict[str, Path]:
     """`bench study`: train and evaluate every variant into OUT/runs, then write the study's files into OUT."""
     data, val_data, out = Path(data).resolve(), Path(val_data).resolve(), Path(out)
-    names = variants if isinstance(variants, list) else parse_variants(variants)
+    names = variants if isinstance(variants, list) else parse_variants(variants, "study", "--variants")
     configs = variant_configs(data, val_data, names, iters, preset, config_file)
     stats = read_class_stats(data)  # a bad stats.csv stops the study before any training
     out.mkdir(parents=True, exist_ok=True)

@@ -11,8 +11,7 @@ reset when the model is built; elsewhere getrusage ru_maxrss), which includes th
 torch and the model, so the increase over the memory in use after the model was built is
 reported as well.
 
-Heads are the named variants of ess.heads.VARIANTS: softmax, softmax-chunked, ess,
-ess-stride4, ess-ivf, ess-stride4-ivf.
+Heads are the named variants of ess.variants.VARIANTS.
 """
 from __future__ import annotations
 
@@ -26,17 +25,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from bench.definitions import TIMING_HEADS
 from bench.report import (files_section, fmt, markdown_table, new_figure, plain_log_ticks, plural,
                           save_figure, save_table, write_summary)
-from ess.heads import VARIANTS
+from ess.config import ModelArgs
+from ess.variants import VARIANTS
+from ess.variants import default as default_variants
 
 # The published table's data sets, by class count.
 DATASETS = {19: "Cityscapes", 150: "ADE20K", 1284: "COCO+LVIS"}
-HEAD_NAMES = {"softmax": "softmax", "softmax-chunked": "softmax (chunked loss)", "ess": "ESS",
-              "ess-stride4": "ESS, stride 4", "ess-ivf": "ESS, IVF", "ess-stride4-ivf": "ESS, stride 4 + IVF"}
-COLORS = {"softmax": "#d62728", "softmax-chunked": "#ff7f0e", "ess": "#1f77b4", "ess-stride4": "#17becf",
-          "ess-ivf": "#9467bd", "ess-stride4-ivf": "#2ca02c"}
 PHASES = ("inference", "training")
 MIB = 2 ** 20
 
@@ -55,14 +51,13 @@ class Setup:
 @dataclass(frozen=True)
 class TimingPlan:
     setups: tuple[Setup, ...]
-    heads: tuple[str, ...] = TIMING_HEADS
+    heads: tuple[str, ...] = tuple(default_variants("timing"))
     encoder: str = "resnet18"
     batch: int = 2
     repeats: int = 5
     warmup: int = 2
     device: str = "cpu"
     amp: bool = False
-    embed_dim: int = 12
     threads: int | None = None  # CPU threads of torch; None keeps torch's default
     preset: str = "cpu"
     head_options: dict = field(default_factory=dict)
@@ -82,14 +77,14 @@ PRESETS = {
 def timing_plan(preset: str = "cpu", *, classes: list[int] | None = None, size: tuple[int, int] | None = None,
                 batch: int | None = None, encoder: str | None = None, heads: list[str] | None = None,
                 repeats: int | None = None, warmup: int | None = None, device: str = "auto", amp: bool = False,
-                embed_dim: int = 12, threads: int | None = None, rounds: int = 1) -> TimingPlan:
+                threads: int | None = None, rounds: int = 1) -> TimingPlan:
     """The preset's set-up with any explicitly given option overriding it."""
     p = PRESETS[preset]
     from ess.device import pick_device
 
     device = pick_device(device).type  # the timed device is the current one of its type
     if amp and device != "cuda":
-        from cocolvis.io import InputError
+        from segkit.io import InputError
 
         raise InputError(None, "--amp: mixed precision is timed on CUDA only, and no CUDA device is in use")
     setups = p["setups"]
@@ -99,13 +94,10 @@ def timing_plan(preset: str = "cpu", *, classes: list[int] | None = None, size: 
         setups = tuple(Setup(c, sizes.get(c, default)) for c in classes)
     if size is not None:
         setups = tuple(replace(s, size=tuple(size)) for s in setups)
-    unknown = [h for h in heads or () if h not in VARIANTS]
-    if unknown:
-        raise ValueError(f"unknown head {unknown[0]!r}; expected any of {', '.join(VARIANTS)}")
-    return TimingPlan(setups=tuple(setups), heads=tuple(heads or TIMING_HEADS),
+    return TimingPlan(setups=tuple(setups), heads=tuple(heads or default_variants("timing")),
                       encoder=encoder or p["encoder"], batch=batch or p["batch"],
                       repeats=repeats or p["repeats"], warmup=p["warmup"] if warmup is None else warmup,
-                      device=device, amp=amp, embed_dim=embed_dim, threads=threads, preset=preset, rounds=rounds)
+                      device=device, amp=amp, threads=threads, preset=preset, rounds=rounds)
 
 
 def synthetic_batch(num_classes: int, size: tuple[int, int], batch: int, device, seed: int = 0):
@@ -131,7 +123,7 @@ def measure(head: str, num_classes: int, phase: str, plan: TimingPlan) -> dict:
     from statistics import median
 
     from ess.measure import PeakMemory, time_calls
-    from ess.model import build_model
+    from ess.model import Segmenter
 
     if plan.threads is not None:
         torch.set_num_threads(plan.threads)
@@ -139,9 +131,8 @@ def measure(head: str, num_classes: int, phase: str, plan: TimingPlan) -> dict:
     device = torch.device(plan.device)
     cuda = device.type == "cuda"
     size = next(s.size for s in plan.setups if s.num_classes == num_classes)
-    kind, options = VARIANTS[head]
-    model = build_model(kind, num_classes, encoder=plan.encoder, embed_dim=plan.embed_dim,
-                        **{**plan.head_options, **options}).to(device)
+    model = Segmenter.from_args(ModelArgs(**{"num_classes": num_classes, "encoder": plan.encoder,
+                                              **plan.head_options, **VARIANTS[head].options})).to(device)
     x, mask = synthetic_batch(num_classes, size, plan.batch, device)
     autocast = torch.autocast(device.type, dtype=torch.float16, enabled=plan.amp and cuda)
 
@@ -216,7 +207,7 @@ def time_heads(plan: TimingPlan, progress: bool = True) -> pd.DataFrame:
         for head in plan.heads:
             inf, tr = results[s.num_classes, head, "inference"], results[s.num_classes, head, "training"]
             rows.append({
-                "dataset": s.dataset, "model": f"DeepLabV3+ {plan.encoder}, {HEAD_NAMES[head]}", "head": head,
+                "dataset": s.dataset, "model": f"DeepLabV3+ {plan.encoder}, {VARIANTS[head].label}", "head": head,
                 "classes": s.num_classes, "size": f"{s.size[0]}x{s.size[1]}", "batch": plan.batch,
                 "inference_s_per_image": inf.get("seconds", np.nan) / plan.batch,
                 "training_s_per_iter": tr.get("seconds", np.nan),
@@ -259,10 +250,10 @@ def plot_timing(table: pd.DataFrame, plan: TimingPlan):
     memory = "increase_mib" if plan.device == "cpu" else "peak_mib"
     for head, rows in table.groupby("head", sort=False):
         c = rows["classes"].to_numpy()
-        ax_t.plot(c, rows["training_s_per_iter"], "o-", color=COLORS[head], label=f"{HEAD_NAMES[head]} training / iter")
-        ax_t.plot(c, rows["inference_s_per_image"], "s--", color=COLORS[head], label=f"{HEAD_NAMES[head]} inference / image")
-        ax_m.plot(c, rows[f"training_{memory}"], "o-", color=COLORS[head], label=f"{HEAD_NAMES[head]} training")
-        ax_m.plot(c, rows[f"inference_{memory}"], "s--", color=COLORS[head], label=f"{HEAD_NAMES[head]} inference")
+        ax_t.plot(c, rows["training_s_per_iter"], "o-", color=VARIANTS[head].color, label=f"{VARIANTS[head].label} training / iter")
+        ax_t.plot(c, rows["inference_s_per_image"], "s--", color=VARIANTS[head].color, label=f"{VARIANTS[head].label} inference / image")
+        ax_m.plot(c, rows[f"training_{memory}"], "o-", color=VARIANTS[head].color, label=f"{VARIANTS[head].label} training")
+        ax_m.plot(c, rows[f"inference_{memory}"], "s--", color=VARIANTS[head].color, label=f"{VARIANTS[head].label} inference")
     for ax in (ax_t, ax_m):
         ax.set_xscale("log")
         plain_log_ticks(ax.xaxis)
@@ -291,7 +282,7 @@ def ratios(table: pd.DataFrame) -> pd.DataFrame:
         s = wide.loc[(c, "softmax")]
         row = {"C": int(c)}
         for head in (h for h in heads if h.startswith("ess")):
-            e, name = wide.loc[(c, head)], HEAD_NAMES[head]
+            e, name = wide.loc[(c, head)], VARIANTS[head].label
             row[f"inference time softmax/{name}"] = s["inference_s_per_image"] / e["inference_s_per_image"]
             row[f"training time softmax/{name}"] = s["training_s_per_iter"] / e["training_s_per_iter"]
             row[f"training memory increase softmax/{name}"] = s["training_increase_mib"] / e["training_increase_mib"]
@@ -325,7 +316,8 @@ def timing_summary(table: pd.DataFrame, plan: TimingPlan, env: dict[str, str], o
         f"# Timing of the softmax and ESS heads (`{plan.preset}` preset)",
         "",
         *[f"- {k}: {v}" for k, v in env.items()],
-        f"- set-up: DeepLabV3+ {plan.encoder} (no pretrained weights), embedding dimension {plan.embed_dim}, "
+        f"- set-up: DeepLabV3+ {plan.encoder} (no pretrained weights), embedding dimension "
+        f"{plan.head_options.get('embed_dim', ModelArgs.embed_dim)}, "
         f"batch {plan.batch}, {plan.warmup} warm-up and {plan.repeats} timed iterations, median reported"
         + (f"; {plan.rounds} rounds of every measurement, interleaved, median of the rounds" if plan.rounds > 1 else "")
         + (", mixed precision (float16 autocast)" if plan.amp and not cpu else ", float32"),

@@ -5,41 +5,17 @@ rare classes join the mean; the curve shows where along the tail each head gives
 """
 from __future__ import annotations
 
-import zipfile
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import yaml
 
 from bench.definitions import TOPN_DEFINITION
-from bench.longtail import frequency_order, read_class_stats
+from bench.tables import frequency_order, read_class_stats, read_eval, run_labels, training_data
 from bench.report import (files_section, fmt, markdown_table, new_figure, plain_log_ticks, save_figure, save_table,
                           write_summary)
-from cocolvis.io import InputError, read_json
+from segkit.io import InputError
 from ess.metrics import per_class_iou
-
-
-def read_eval(eval_dir: str | Path) -> dict:
-    """An `ess eval` output directory: metrics.json and the C x C confusion matrix."""
-    eval_dir = Path(eval_dir)
-    metrics = read_json(eval_dir / "metrics.json")
-    path = eval_dir / "confusion.npz"
-    if not path.exists():
-        raise InputError(path, "missing: not an `ess eval` output")
-    try:
-        with np.load(path) as npz:
-            confusion = npz["confusion"]
-    except KeyError:
-        raise InputError(path, "no array named 'confusion'") from None
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
-        reason = " ".join(str(e).split())[:200] or type(e).__name__
-        raise InputError(path, f"unreadable (not an .npz archive, or truncated): {reason}") from None
-    if confusion.ndim != 2 or confusion.shape[0] != confusion.shape[1]:
-        raise InputError(path, f"confusion must be a square matrix, got shape {confusion.shape}")
-    if not np.issubdtype(confusion.dtype, np.integer) or (confusion < 0).any():
-        raise InputError(path, "confusion must hold non-negative integer pixel counts")
-    return {"dir": eval_dir, "metrics": metrics, "confusion": confusion.astype(np.int64)}
 
 
 def topn_miou(iou: np.ndarray, order: np.ndarray) -> np.ndarray:
@@ -52,24 +28,6 @@ def topn_miou(iou: np.ndarray, order: np.ndarray) -> np.ndarray:
         return np.where(count > 0, total / np.maximum(count, 1), np.nan)
 
 
-def training_data(ev: dict) -> Path:
-    """The build a run was trained on: metrics.json `run` -> RUN/config.yaml `data`."""
-    metrics_path = ev["dir"] / "metrics.json"
-    run = ev["metrics"].get("run")
-    if not run:
-        raise InputError(metrics_path, "no `run` recorded: pass --data")
-    config_path = Path(run) / "config.yaml"
-    try:
-        config = yaml.safe_load(config_path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InputError(config_path, "missing (the run recorded in metrics.json): pass --data") from None
-    except yaml.YAMLError as e:
-        raise InputError(config_path, f"malformed YAML: {e}") from None
-    if not isinstance(config, dict) or not config.get("data"):
-        raise InputError(config_path, "no `data` entry: pass --data")
-    return Path(config["data"])
-
-
 def topn_table(stats: pd.DataFrame, by: str, ious: dict[str, np.ndarray]) -> pd.DataFrame:
     """One row per n: the n-th most frequent class, and per label its IoU and the mIoU over the top n."""
     ordered = frequency_order(stats, by)
@@ -80,18 +38,6 @@ def topn_table(stats: pd.DataFrame, by: str, ious: dict[str, np.ndarray]) -> pd.
         table[f"iou_{label}"] = iou[order]
         table[f"miou_{label}"] = topn_miou(iou, order)
     return table
-
-
-def run_labels(evals: list[dict]) -> list[str]:
-    """Each run's head ("ess", "softmax"), with the run's directory name added where heads repeat."""
-    heads = [str(ev["metrics"].get("head") or ev["dir"].parent.name) for ev in evals]
-    labels = []
-    for head, ev in zip(heads, evals):
-        run_name = Path(ev["metrics"]["run"]).name if ev["metrics"].get("run") else ev["dir"].parent.name
-        labels.append(head if heads.count(head) == 1 else f"{head} ({run_name})")
-    if len(set(labels)) < len(labels):
-        labels = [f"{label} #{i + 1}" for i, label in enumerate(labels)]
-    return labels
 
 
 def plot_topn(table: pd.DataFrame, labels: list[str], by: str, title: str):

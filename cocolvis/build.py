@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from cocolvis.dataset import mask_name, write_build
 from cocolvis.inputs import Inputs, read_inputs
-from cocolvis.io import InputError
+from segkit.io import InputError
 from cocolvis.journal import JOURNAL, Journal, fingerprint, read_journal
 from cocolvis.outdir import check_out_path, claim
 from cocolvis.paint import ORDERS

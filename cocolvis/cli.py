@@ -6,8 +6,8 @@ from pathlib import Path
 
 import click
 
-from cocolvis.errors import CommandGroup
-from cocolvis.io import InputError
+from segkit.errors import CommandGroup
+from segkit.io import InputError
 
 
 @click.group(cls=CommandGroup, context_settings={"help_option_names": ["-h", "--help"]})

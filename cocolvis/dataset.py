@@ -33,7 +33,7 @@ from typing import Iterable
 import cv2
 import numpy as np
 
-from cocolvis.io import InputError, atomic_open, read_json, write_json, write_text
+from segkit.io import InputError, atomic_open, read_json, write_json, write_text
 
 FORMAT = "cocolvis-build"
 FORMAT_VERSION = 1

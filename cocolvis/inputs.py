@@ -16,7 +16,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from cocolvis.io import InputError, read_json
+from segkit.io import InputError, read_json
 from cocolvis.paint import Stuff, Thing
 from cocolvis.validate import (POLYGON_TYPES, check_image_size, check_polygons, check_rle_strings, check_uncompressed_counts,
                                is_int)

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Iterator
 
 from cocolvis.dataset import FORMAT, OUTPUT_FILES
-from cocolvis.io import InputError, read_json, remove_stale_temporaries
+from segkit.io import InputError, read_json, remove_stale_temporaries
 from cocolvis.journal import JOURNAL, journal_fingerprint
 
 LOCK = ".lock"

@@ -19,7 +19,7 @@ import numpy as np
 import pycocotools.mask as mask_utils
 
 from cocolvis.dataset import mask_name, write_png
-from cocolvis.io import InputError
+from segkit.io import InputError
 
 ORDERS = ("area", "file")
 STUFF_FLAG = 0x8000

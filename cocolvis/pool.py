@@ -15,7 +15,7 @@ import signal
 from concurrent.futures.process import BrokenProcessPool
 from typing import Iterable, Iterator
 
-from cocolvis.io import InputError
+from segkit.io import InputError
 from cocolvis.paint import MaskResult, MaskTask, write_mask
 
 CHUNK = 4

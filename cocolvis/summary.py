@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 
 from cocolvis.dataset import SKIP_REASONS, BuiltDataset, read_stats
-from cocolvis.io import read_json
+from segkit.io import read_json
 from cocolvis.vocab import describe
 
 

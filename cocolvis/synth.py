@@ -25,7 +25,7 @@ import pycocotools.mask as mask_utils
 from tqdm import tqdm
 
 from cocolvis.paint import painting_sequence
-from cocolvis.io import InputError, atomic_path, read_json, write_text
+from segkit.io import InputError, atomic_path, read_json, write_text
 from cocolvis.vocab import DEFAULT_LVIS, STUFF_CATEGORIES, STUFF_IDS, merge_vocabularies, read_lvis_categories
 
 OTHER_ID = 183
@@ -69,7 +69,7 @@ def _polygon(rng, h: int, w: int, radius: float) -> list[float]:
     return np.round(np.stack([xs, ys], 1).ravel(), 2).tolist()
 
 
-def _stuff_regions(rng, h: int, w: int, k: int) -> np.ndarray:
+def stuff_regions(rng, h: int, w: int, k: int) -> np.ndarray:
     """A partition of the image into k cells (an anisotropic Voronoi diagram), as cell indices."""
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     cx, cy = rng.uniform(0, w, k), rng.uniform(0, h, k)
@@ -111,7 +111,7 @@ class Generator:
         if n_things is None:
             n_things = int(min(rng.poisson(3.5), 10))
         stuff_idx = rng.choice(len(self.stuff_categories), n_stuff, replace=False, p=self.stuff_p)
-        cells = _stuff_regions(rng, h, w, n_stuff)
+        cells = stuff_regions(rng, h, w, n_stuff)
 
         things = []
         for cat_idx in rng.choice(len(self.lvis_categories), n_things, p=self.lvis_p):

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cocolvis.io import InputError, read_json
+from segkit.io import InputError, read_json
 
 DATA_DIR = Path(__file__).parent / "data"
 DEFAULT_LVIS = DATA_DIR / "lvis_v1_categories.json"

@@ -2,7 +2,7 @@
 
     format, version     identify the file as an ess checkpoint
     iteration           iterations completed
-    model_args          ess.model.ModelArgs as a plain dict: rebuilds the network with ess.model alone
+    model_args          ess.config.ModelArgs as a plain dict: rebuilds the network with ess.model alone
     model, optimizer, scaler   state dicts
     config              the run's resolved flat configuration, training settings included (for the record)
     best_miou           best validation mIoU so far (None before the first validation)
@@ -20,8 +20,9 @@ from pathlib import Path
 
 import torch
 
-from cocolvis.io import InputError, atomic_path
-from ess.model import ModelArgs, Segmenter
+from segkit.io import InputError, atomic_path
+from ess.config import ModelArgs
+from ess.model import Segmenter
 
 FORMAT = "ess-checkpoint"
 VERSION = 2

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import click
 
-from cocolvis.errors import CommandGroup
-from cocolvis.io import InputError, read_json
+from segkit.errors import CommandGroup
+from segkit.io import InputError, read_json
 from ess import config as cfg
 from ess.options import click_options
 

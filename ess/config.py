@@ -1,10 +1,12 @@
-"""Run configuration: defaults < preset < YAML file < command-line flags.
+"""A run's configuration: defaults < preset < YAML file < command-line flags. Imports no torch.
 
-A run's configuration is two typed parts: `ModelArgs` (ess.model: what the network is)
-and `TrainConfig` (below: data, optimisation, augmentation, bookkeeping). Their fields
-are the one source of every option's type, default, bounds, choices and `--help` text.
-YAML files and flags use one flat namespace (`k: 7`, `lr: 0.01`); `ess/configs/<preset>.yaml`
-holds the named presets, and the resolved configuration is saved flat as RUN/config.yaml.
+A run's configuration is two typed parts: `ModelArgs` (what the network is, saved in every
+checkpoint) and `TrainConfig` (data, optimisation, augmentation, bookkeeping). Their fields
+are the one source of every option's type, default, bounds, choices and `--help` text, and
+each is validated once, when it is constructed: the heads, losses and searches take the
+values as they are. YAML files and flags use one flat namespace (`k: 7`, `lr: 0.01`);
+`ess/configs/<preset>.yaml` holds the named presets, a YAML file may start from another with
+`base: <preset>`, and the resolved configuration is saved flat as RUN/config.yaml.
 """
 from __future__ import annotations
 
@@ -16,11 +18,73 @@ from pathlib import Path
 
 import yaml
 
-from cocolvis.io import InputError, write_text
+from segkit.errors import InputError
+from segkit.io import write_text
 from ess import options
-from ess.device import DEVICE_PATTERN
-from ess.model import HEADS, ModelArgs
 from ess.options import option
+
+HEADS = ("softmax", "ess")
+ENCODERS = ("resnet18", "resnet50", "resnet101", "mobilenet_v2")
+NORMS = ("bn", "gn")
+SOFTMAX_IMPLS = ("dense", "chunked")
+SAMPLINGS = ("nearest", "random")
+# auto: see ess.knn.resolve_backend, the one place that says what it means.
+KNN_BACKENDS = ("auto", "torch", "faiss", "ivf")
+# knn stride -> block (rows, columns) of pixels that share one search
+STRIDE_BLOCKS = {1: (1, 1), 2: (1, 2), 4: (2, 2), 8: (2, 4)}
+DEVICE_PATTERN = r"auto|cpu|cuda(:\d+)?"
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    """Everything that defines the network, and nothing about training: saved in every checkpoint."""
+
+    head: str | None = option(None, "softmax: C-way classifier; ess: d-dim embeddings + nearest class.", choices=HEADS)
+    num_classes: int | None = option(None, "Number of classes C (taken from the training data).", low=1, cli=False)
+    encoder: str = option("resnet50", "Encoder network.", choices=ENCODERS)
+    norm: str = option("bn", "Normalisation layers: BatchNorm or GroupNorm.", choices=NORMS)
+    pretrained: bool = option(False, "Start the encoder from ImageNet weights (needs network access).")
+    output_stride: int = option(16, "Encoder output stride.", choices=(8, 16))
+    aspp_rates: tuple[int, ...] = option((6, 12, 18), "ASPP dilation rates.", low=1, cli=False)
+    aspp_dropout: float = option(0.5, "Dropout after the ASPP projection (segmentation-models-pytorch's value).",
+                                 low=0, high=1, high_open=True)
+    encoder_bn_momentum: float = option(0.01, "BatchNorm momentum of the encoder.", low=0, high=1)
+    embed_dim: int = option(12, "ESS embedding dimension d.", low=1)
+    normalize: bool = option(True, "L2-normalise pixel and class embeddings (--no-norm for the ablation).",
+                             flag="--normalize/--no-norm")
+    k: int = option(7, "ESS negatives per pixel.", low=1)
+    tau: float = option(20.0, "ESS logit scale: logits = -tau * distance.", low=0, low_open=True)
+    margin: float = option(0.2, "Margin of the class-separation regulariser.", low=0)
+    reg: bool = option(True, "Class-separation regulariser on or off.")
+    sampling: str = option("nearest", "Negatives: the nearest classes, or drawn uniformly at random.",
+                           choices=SAMPLINGS)
+    knn: str = option("auto", "Nearest-neighbour search: auto, torch (exact), faiss (exact) or ivf (approximate).",
+                      choices=KNN_BACKENDS)
+    chunk: int = option(1 << 22, "Elements of one block of pixels x classes scores (the torch search, the small-C "
+                                 "ESS loss, the chunked softmax): what bounds their memory.", low=1)
+    knn_stride: int = option(1, "Search once per block of this many pixels (1, 2: 1x2, 4: 2x2, 8: 2x4) and share "
+                                "the block's negatives.", choices=tuple(STRIDE_BLOCKS))
+    nlist: int | None = option(None, "IVF cells for --knn ivf [default: sqrt(C)].", low=1)
+    nprobe: int | None = option(None, "IVF cells searched per query [default: nlist / 5].", low=1)
+    ivf_rebuild_every: int = option(100, "Training steps between re-clusterings of the IVF index.", low=1)
+    softmax_impl: str = option("dense", "Softmax loss and prediction: dense full-resolution logits, or chunked "
+                                        "(the same values, never holding B x C x H x W logits).",
+                               choices=SOFTMAX_IMPLS)
+
+    def __post_init__(self):
+        options.validate(self)
+
+    def head_options(self) -> dict:
+        """The keyword arguments of this head's module (ess.heads.SoftmaxHead or EssHead): the fields of the same names."""
+        return {name: getattr(self, name) for name in HEAD_OPTIONS[self.head]}
+
+
+# The ModelArgs fields each head's module takes, under the same names.
+HEAD_OPTIONS = {
+    "softmax": ("softmax_impl", "chunk"),
+    "ess": ("embed_dim", "normalize", "k", "tau", "margin", "reg", "sampling", "knn", "chunk", "knn_stride",
+            "nlist", "nprobe", "ivf_rebuild_every"),
+}
 
 
 @dataclass(frozen=True)
@@ -66,6 +130,9 @@ class TrainConfig:
                          pattern=DEVICE_PATTERN)
     ckpt_every: int = option(1000, "Write RUN/last.pt every N iterations.", low=1)
     val_every: int = option(0, "Validate every N iterations and keep RUN/best.pt (0: never).", low=0)
+
+    def __post_init__(self):
+        options.validate(self)
 
 
 # Options that YAML and flags may set, and the part each belongs to. num_classes comes from the data.
@@ -129,15 +196,28 @@ def preset_path(name: str) -> Path:
     return path
 
 
+def layers(path: str | os.PathLike, seen: tuple = ()) -> list[tuple[dict, str | os.PathLike]]:
+    """The settings a YAML file gives, as (values, file) layers to apply in order: first those of the preset
+    its `base:` key names (recursively), then its own."""
+    values = read_yaml(path)
+    base = values.pop("base", None)
+    if base is None:
+        return [(values, path)]
+    if not isinstance(base, str):
+        raise InputError(path, f"'base' names a preset, got {base!r}")
+    if base in seen:
+        raise InputError(path, f"'base: {base}' makes a cycle of presets ({' -> '.join((*seen, base))})")
+    return [*layers(preset_path(base), (*seen, base)), (values, path)]
+
+
 def resolve(preset: str | None = None, config_file: str | os.PathLike | None = None,
             overrides: dict | None = None, base: Config | None = None) -> Config:
     """The full configuration: `base` (the defaults) < preset < YAML file < overrides (None: not given)."""
     config = base or Config()
-    if preset:
-        path = preset_path(preset)
-        config = config.updated(read_yaml(path), path)
-    if config_file:
-        config = config.updated(read_yaml(config_file), config_file)
+    files = ([preset_path(preset)] if preset else []) + ([config_file] if config_file else [])
+    for path in files:
+        for values, source in layers(path):
+            config = config.updated(values, source)
     return config.updated({k: v for k, v in (overrides or {}).items() if v is not None}, "command line")
 
 
@@ -174,5 +254,5 @@ def load(path: str | os.PathLike) -> Config:
 
 
 def replace_train(config: Config, **changes) -> Config:
-    """A copy with training settings changed (unvalidated: for values the code itself derives)."""
+    """A copy with training settings changed (values the code itself derives)."""
     return dataclasses.replace(config, train=dataclasses.replace(config.train, **changes))

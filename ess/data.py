@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from cocolvis.dataset import BuiltDataset
-from cocolvis.io import InputError
+from segkit.io import InputError
 
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)

@@ -5,9 +5,8 @@ import re
 
 import torch
 
-from cocolvis.errors import InputError
-
-DEVICE_PATTERN = r"auto|cpu|cuda(:\d+)?"
+from segkit.errors import InputError
+from ess.config import DEVICE_PATTERN
 
 
 def pick_device(name: str = "auto", local_rank: int | None = None) -> torch.device:

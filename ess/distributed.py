@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from cocolvis.errors import InputError
+from segkit.errors import InputError
 from ess.device import pick_device
 
 

@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from cocolvis.dataset import BuiltDataset, mask_name
-from cocolvis.io import InputError, atomic_open, atomic_path, write_json
+from segkit.io import InputError, atomic_open, atomic_path, write_json
 from ess.data import EvalSamples
 from ess import distributed
 from ess.metrics import ConfusionMatrix, compute_metrics

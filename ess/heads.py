@@ -15,26 +15,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ess.knn import BACKENDS, IvfSearch, knn, resolve_backend, rows_per_block
-from ess.losses import (SAMPLINGS, STRIDE_BLOCKS, bilinear_taps, block_negatives, ess_pixel_loss,
-                        separation_loss, softmax_loss, upsample_rows, upsampled_softmax_loss)
-
-HEADS = ("softmax", "ess")
-SOFTMAX_IMPLS = ("dense", "chunked")
-# Named set-ups the benchmarks compare: the head and the model options it changes (ess.model.ModelArgs fields).
-VARIANTS = {
-    "softmax": ("softmax", {}),
-    "softmax-chunked": ("softmax", {"softmax_impl": "chunked"}),
-    "ess": ("ess", {}),
-    "ess-stride4": ("ess", {"knn_stride": 4}),
-    "ess-ivf": ("ess", {"knn": "ivf"}),
-    "ess-stride4-ivf": ("ess", {"knn_stride": 4, "knn": "ivf"}),
-}
-
-
-def _check(ok: bool, message: str) -> None:
-    if not ok:
-        raise ValueError(message)
+from ess.ivf import IvfSearch
+from ess.knn import rows_per_block, search
+from ess.losses import (bilinear_taps, block_negatives, ess_pixel_loss, separation_loss, softmax_loss,
+                        upsample_rows, upsampled_softmax_loss)
 
 
 @dataclass(frozen=True)
@@ -76,16 +60,15 @@ def renormalized(mean_loss: torch.Tensor, mask: torch.Tensor, normalizer: float 
 class SoftmaxHead(nn.Module):
     """The baseline: a C-way 1x1 classifier, logits upsampled bilinearly to the label size.
 
-    impl "dense" outputs the full-resolution logits; "chunked" outputs `UpsampledLogits` and
+    softmax_impl "dense" outputs the full-resolution logits; "chunked" outputs `UpsampledLogits` and
     computes the same cross-entropy and argmax a block of rows at a time (at most `chunk`
-    logits at once), never holding B x C x H x W logits. Defaults: ess.model.ModelArgs.
+    logits at once), never holding B x C x H x W logits. The options are ess.config.ModelArgs
+    fields of the same names, validated there.
     """
 
-    def __init__(self, in_channels: int, num_classes: int, *, impl: str, chunk: int):
+    def __init__(self, in_channels: int, num_classes: int, *, softmax_impl: str, chunk: int):
         super().__init__()
-        _check(impl in SOFTMAX_IMPLS, f"softmax impl must be one of {', '.join(SOFTMAX_IMPLS)}, got {impl!r}")
-        _check(isinstance(chunk, int) and chunk >= 1, f"chunk must be a positive integer, got {chunk!r}")
-        self.num_classes, self.impl, self.chunk = num_classes, impl, chunk
+        self.num_classes, self.impl, self.chunk = num_classes, softmax_impl, chunk
         self.classifier = nn.Conv2d(in_channels, num_classes, kernel_size=1)
 
     def forward(self, features: torch.Tensor, size: tuple[int, int]) -> torch.Tensor | UpsampledLogits:
@@ -99,7 +82,8 @@ class SoftmaxHead(nn.Module):
     def loss(self, output: torch.Tensor | UpsampledLogits, mask: torch.Tensor,
              normalizer: float | None = None) -> torch.Tensor:
         if isinstance(output, UpsampledLogits):
-            _check(tuple(mask.shape[1:]) == output.crop, f"mask {tuple(mask.shape)} does not match output {output.shape}")
+            if tuple(mask.shape[1:]) != output.crop:
+                raise ValueError(f"mask {tuple(mask.shape)} does not match output {output.shape}")
             loss = upsampled_softmax_loss(output.low, mask, output.size, self.chunk)
         else:
             loss = softmax_loss(output, mask)
@@ -124,33 +108,21 @@ class EssHead(nn.Module):
     """Embedding head: d-channel pixel embeddings and a learned C x d class-embedding matrix.
 
     The output holds d channels whatever C is; a pixel's class is its nearest class embedding.
-    Loss options (see ess.losses): k negatives, temperature tau, separation margin, kNN backend
-    (auto, torch, faiss, ivf), sampling (nearest, random), reg (the separation regulariser),
-    chunk (elements of one distance block), knn_stride (1, 2, 4, 8: pixels per shared search),
-    and for knn="ivf" nlist / nprobe (cells, cells probed; None: sqrt(C), nlist/5) and
-    ivf_rebuild_every (training steps between re-clusterings of the class embeddings).
-    Every option is required: their defaults live in ess.model.ModelArgs, and
-    `ess.model.build_head(ModelArgs(head="ess", ...), in_channels)` builds a head from them.
+    Every option is required and is the ess.config.ModelArgs field of the same name, validated there
+    (its help says what it does); `ess.model.build_head(ModelArgs(head="ess", ...), in_channels)`
+    builds a head from them.
     """
 
     def __init__(self, in_channels: int, num_classes: int, *, embed_dim: int, normalize: bool, k: int, tau: float,
-                 margin: float, knn: str, sampling: str, reg: bool, chunk: int, knn_stride: int,
+                 margin: float, reg: bool, sampling: str, knn: str, chunk: int, knn_stride: int,
                  nlist: int | None, nprobe: int | None, ivf_rebuild_every: int):
         super().__init__()
-        _check(isinstance(k, int) and k >= 1, f"k must be a positive integer, got {k!r}")
-        _check(tau > 0, f"tau must be positive, got {tau!r}")
-        _check(margin >= 0, f"margin must be non-negative, got {margin!r}")
-        _check(knn in BACKENDS, f"knn must be one of {', '.join(BACKENDS)}, got {knn!r}")
-        _check(sampling in SAMPLINGS, f"sampling must be one of {', '.join(SAMPLINGS)}, got {sampling!r}")
-        _check(isinstance(chunk, int) and chunk >= 1, f"chunk must be a positive integer, got {chunk!r}")
-        _check(knn_stride in STRIDE_BLOCKS,
-               f"knn_stride must be one of {', '.join(map(str, STRIDE_BLOCKS))}, got {knn_stride!r}")
         self.num_classes = num_classes
         self.normalize = normalize
         self.k, self.tau, self.margin = k, tau, margin
         self.knn, self.sampling, self.reg, self.chunk, self.knn_stride = knn, sampling, reg, chunk, knn_stride
         # The index is search state, not a parameter: rebuilt from the embeddings, never checkpointed.
-        self.ivf = IvfSearch(nlist, nprobe, ivf_rebuild_every, chunk=chunk) if knn == "ivf" else None
+        self.ivf = IvfSearch(nlist, nprobe, ivf_rebuild_every, chunk) if knn == "ivf" else None
         self.projection = nn.Conv2d(in_channels, embed_dim, kernel_size=1)
         self.embeddings = nn.Parameter(torch.empty(num_classes, embed_dim).uniform_(-1.0, 1.0))
 
@@ -189,6 +161,6 @@ class EssHead(nn.Module):
         """The nearest class embedding of every pixel, by exact search whatever the loss's backend."""
         b, d, h, w = output.shape
         classes = self.class_embeddings()
-        backend = resolve_backend("auto" if self.knn == "ivf" else self.knn, output.device, classes.shape[0])
+        exact = "auto" if self.knn == "ivf" else self.knn
         flat = output.permute(0, 2, 3, 1).reshape(-1, d)  # a view of the channels-last output
-        return knn(flat, classes, 1, backend, self.chunk)[:, 0].view(b, h, w) + 1
+        return search(flat, classes, 1, exact, self.chunk)[:, 0].view(b, h, w) + 1

@@ -14,19 +14,17 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ess.knn import (DEFAULT_CHUNK, DEFAULT_KNN, IvfSearch, close_pairs, drop_excluded, knn, knn_excluding,
-                     rows_per_block)
-
-SAMPLINGS = ("nearest", "random")
-# knn stride -> block (rows, columns) of pixels that share one search
-STRIDE_BLOCKS = {1: (1, 1), 2: (1, 2), 4: (2, 2), 8: (2, 4)}
+from ess.config import STRIDE_BLOCKS
+from ess.ivf import IvfSearch
+from ess.knn import drop_excluded, knn_excluding, resolve_backend, rows_per_block, search
+from ess.pairs import close_pairs
 # Up to this class count the exact nearest-negatives loss works on the whole pixels x C distance
 # block (C scores per pixel) instead of gathering (k+1) x d class-embedding values per pixel.
 # Loss forward + backward, 32768 pixels, d=12, k=7, 2 CPU cores, gather path (torch search) vs
 # dense: 57 vs 22 ms at 19 classes, 93 vs 56 at 150, 115 vs 103 at 256.
 DENSE_MAX_CLASSES = 192
 # From this class count the regulariser finds close class pairs by the exact cell-pruned search
-# (ess.knn.close_pairs) instead of a nearest-neighbour search of every class among all the others.
+# (ess.pairs.close_pairs) instead of a nearest-neighbour search of every class among all the others.
 PRUNED_SEPARATION_MIN_CLASSES = 2048
 
 
@@ -45,31 +43,27 @@ def euclidean(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a - b).pow(2).sum(-1).clamp_min(1e-12).sqrt()
 
 
-def sample_negatives(pixels: torch.Tensor, class_emb: torch.Tensor, target: torch.Tensor, k: int,
-                     sampling: str = "nearest", knn: str = DEFAULT_KNN, chunk: int = DEFAULT_CHUNK,
-                     ivf: IvfSearch | None = None) -> torch.Tensor:
+def sample_negatives(pixels: torch.Tensor, class_emb: torch.Tensor, target: torch.Tensor, k: int, sampling: str,
+                     knn: str, chunk: int, ivf: IvfSearch | None) -> torch.Tensor:
     """(P, k) class indices != target: the k nearest to each pixel, or k drawn uniformly."""
     num_classes = class_emb.shape[0]
     k = min(k, num_classes - 1)
     if sampling == "nearest":
         return knn_excluding(pixels, class_emb, target, k, knn, chunk, ivf)
-    if sampling == "random":
-        # Uniform over the C-1 other classes: draw from 0..C-2 and step over the target.
-        draw = torch.randint(0, max(num_classes - 1, 1), (pixels.shape[0], k), device=pixels.device)
-        return draw + (draw >= target[:, None]).long()
-    raise ValueError(f"unknown sampling {sampling!r}; expected one of {', '.join(SAMPLINGS)}")
+    # random: uniform over the C-1 other classes: draw from 0..C-2 and step over the target.
+    draw = torch.randint(0, max(num_classes - 1, 1), (pixels.shape[0], k), device=pixels.device)
+    return draw + (draw >= target[:, None]).long()
 
 
 def block_negatives(embeddings: torch.Tensor, labelled: torch.Tensor, target: torch.Tensor, class_emb: torch.Tensor,
-                    k: int, stride: int, knn_backend: str = DEFAULT_KNN, chunk: int = DEFAULT_CHUNK,
-                    ivf: IvfSearch | None = None) -> torch.Tensor:
+                    k: int, knn_stride: int, knn: str, chunk: int, ivf: IvfSearch | None) -> torch.Tensor:
     """(P, k) nearest negatives of the labelled pixels, one search per block of `stride` pixels.
 
     embeddings (B, d, H, W); labelled (B, H, W) bool; target (P,) class indices of the labelled
     pixels in row-major order. Each block's mean embedding is searched for its k+1 nearest
     classes (only blocks holding a labelled pixel); each pixel keeps the k that are not its target.
     """
-    bh, bw = STRIDE_BLOCKS[stride]
+    bh, bw = STRIDE_BLOCKS[knn_stride]
     k = min(k, class_emb.shape[0] - 1)
     if k <= 0:
         return torch.empty(target.shape[0], 0, dtype=torch.int64, device=target.device)
@@ -80,13 +74,12 @@ def block_negatives(embeddings: torch.Tensor, labelled: torch.Tensor, target: to
     block = (b * grid_h + torch.div(y, bh, rounding_mode="floor")) * grid_w + torch.div(x, bw, rounding_mode="floor")
     used, of_pixel = torch.unique(block, return_inverse=True)
     queries = means.permute(0, 2, 3, 1).reshape(-1, means.shape[1]).index_select(0, used)
-    shared = knn(queries, class_emb, k + 1, knn_backend, chunk, ivf)  # (blocks, k+1)
+    shared = search(queries, class_emb, k + 1, knn, chunk, ivf)  # (blocks, k+1)
     return drop_excluded(shared.index_select(0, of_pixel), target)
 
 
-def ess_pixel_loss(pixels: torch.Tensor, target: torch.Tensor, class_emb: torch.Tensor, *, k: int,
-                   tau: float, sampling: str = "nearest", knn: str = DEFAULT_KNN,
-                   chunk: int = DEFAULT_CHUNK, ivf: IvfSearch | None = None,
+def ess_pixel_loss(pixels: torch.Tensor, target: torch.Tensor, class_emb: torch.Tensor, *, k: int, tau: float,
+                   sampling: str, knn: str, chunk: int, ivf: IvfSearch | None,
                    negatives: torch.Tensor | None = None) -> torch.Tensor:
     """Cross-entropy over [target, k negatives] with logits -tau * distance.
 
@@ -100,7 +93,7 @@ def ess_pixel_loss(pixels: torch.Tensor, target: torch.Tensor, class_emb: torch.
     pixels = pixels.float()
     class_emb = class_emb.float()
     k = min(k, class_emb.shape[0] - 1)
-    if negatives is None and sampling == "nearest" and uses_dense_path(class_emb.shape[0], knn, ivf):
+    if negatives is None and sampling == "nearest" and uses_dense_path(class_emb.shape[0], knn, class_emb.device, ivf):
         rows = rows_per_block(chunk, class_emb.shape[0])
         return _DenseNearestNegativesCrossEntropy.apply(pixels, class_emb, target, k, float(tau), rows)
     if negatives is None:
@@ -145,14 +138,10 @@ class _NearestNegativesCrossEntropy(torch.autograd.Function):
         return g_pixels, g_classes, None, None
 
 
-def uses_dense_path(num_classes: int, knn: str = DEFAULT_KNN, ivf: IvfSearch | None = None) -> bool:
-    """Whether the exact nearest-negatives loss goes through the whole pixels x C distance block.
-
-    Below DENSE_MAX_CLASSES classes, for the torch search (backends auto and torch, and ivf where it
-    searches exactly); an explicit faiss backend keeps faiss.
-    """
-    exact_torch = knn in ("auto", "torch") or (knn == "ivf" and ivf is not None and ivf.exact(num_classes))
-    return exact_torch and num_classes <= DENSE_MAX_CLASSES
+def uses_dense_path(num_classes: int, knn: str, device: torch.device, ivf: IvfSearch | None) -> bool:
+    """Whether the exact nearest-negatives loss goes through the whole pixels x C distance block: where the
+    search is torch's (ess.knn.resolve_backend) and C is at most DENSE_MAX_CLASSES."""
+    return num_classes <= DENSE_MAX_CLASSES and resolve_backend(knn, device, num_classes, ivf) == "torch"
 
 
 class _DenseNearestNegativesCrossEntropy(torch.autograd.Function):
@@ -217,8 +206,7 @@ def ess_pixel_loss_reference(pixels: torch.Tensor, class_emb: torch.Tensor, cand
     return F.cross_entropy(logits, torch.zeros_like(candidates[:, 0]))
 
 
-def separation_loss(class_emb: torch.Tensor, margin: float, knn: str = DEFAULT_KNN,
-                    chunk: int = DEFAULT_CHUNK, ivf: IvfSearch | None = None) -> torch.Tensor:
+def separation_loss(class_emb: torch.Tensor, margin: float, knn: str, chunk: int, ivf: IvfSearch | None) -> torch.Tensor:
     """Mean over classes of max(0, margin - distance to the nearest other class)."""
     num_classes = class_emb.shape[0]
     if num_classes < 2:
@@ -226,7 +214,7 @@ def separation_loss(class_emb: torch.Tensor, margin: float, knn: str = DEFAULT_K
     class_emb = class_emb.float()
     if num_classes >= PRUNED_SEPARATION_MIN_CLASSES:
         # Only classes with another within the margin have a non-zero term; found exactly.
-        rows, nearest = close_pairs(class_emb, margin, chunk=chunk)
+        rows, nearest = close_pairs(class_emb, margin, chunk)
         gaps = euclidean(class_emb.index_select(0, rows), class_emb.index_select(0, nearest))
         return F.relu(margin - gaps).sum() / num_classes  # no close pair: 0, still in the graph
     own = torch.arange(num_classes, device=class_emb.device)
@@ -328,7 +316,7 @@ class _UpsampledCrossEntropy(torch.autograd.Function):
 
 
 def upsampled_softmax_loss(low_logits: torch.Tensor, mask: torch.Tensor, size: tuple[int, int],
-                           chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
+                           chunk: int) -> torch.Tensor:
     """`softmax_loss` of F.interpolate(low_logits, size, bilinear)[..., :H, :W] for a (B, H, W) mask, exactly,
     without forming the full-resolution logits.
 

@@ -1,77 +1,22 @@
 """DeepLabV3+ (segmentation-models-pytorch encoder and decoder) with a swappable head.
 
-`ModelArgs` holds everything that defines the network; `Segmenter.from_args(args)`
+`ess.config.ModelArgs` holds everything that defines the network; `Segmenter.from_args(args)`
 builds it, and a checkpoint's `model_args` rebuild it with this module alone.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ess import options
-from ess.heads import HEADS, SOFTMAX_IMPLS, EssHead, SoftmaxHead
-from ess.knn import BACKENDS, DEFAULT_CHUNK, DEFAULT_KNN
-from ess.losses import SAMPLINGS, STRIDE_BLOCKS
-from ess.options import option
-
-ENCODERS = ("resnet18", "resnet50", "resnet101", "mobilenet_v2")
-NORMS = ("bn", "gn")
-
-
-@dataclass(frozen=True)
-class ModelArgs:
-    """Everything that defines the network, and nothing about training: saved in every checkpoint."""
-
-    head: str | None = option(None, "softmax: C-way classifier; ess: d-dim embeddings + nearest class.", choices=HEADS)
-    num_classes: int = option(0, "Number of classes C (taken from the training data).", low=0, cli=False)
-    encoder: str = option("resnet50", "Encoder network.", choices=ENCODERS)
-    norm: str = option("bn", "Normalisation layers: BatchNorm or GroupNorm.", choices=NORMS)
-    pretrained: bool = option(False, "Start the encoder from ImageNet weights (needs network access).")
-    output_stride: int = option(16, "Encoder output stride.", choices=(8, 16))
-    aspp_rates: tuple[int, ...] = option((6, 12, 18), "ASPP dilation rates.", low=1, cli=False)
-    aspp_dropout: float = option(0.5, "Dropout after the ASPP projection (segmentation-models-pytorch's value).",
-                                 low=0, high=1, high_open=True)
-    encoder_bn_momentum: float = option(0.01, "BatchNorm momentum of the encoder.", low=0, high=1)
-    embed_dim: int = option(12, "ESS embedding dimension d.", low=1)
-    normalize: bool = option(True, "L2-normalise pixel and class embeddings (--no-norm for the ablation).",
-                             flag="--normalize/--no-norm")
-    k: int = option(7, "ESS negatives per pixel.", low=1)
-    tau: float = option(20.0, "ESS logit scale: logits = -tau * distance.", low=0, low_open=True)
-    margin: float = option(0.2, "Margin of the class-separation regulariser.", low=0)
-    reg: bool = option(True, "Class-separation regulariser on or off.")
-    sampling: str = option("nearest", "Negatives: the nearest classes, or drawn uniformly at random.",
-                           choices=SAMPLINGS)
-    knn: str = option(DEFAULT_KNN, "Nearest-neighbour search backend.", choices=BACKENDS)
-    knn_chunk: int = option(DEFAULT_CHUNK, "Elements of one pixels x classes distance block in the torch search.",
-                            low=1)
-    knn_stride: int = option(1, "Search once per block of this many pixels (1, 2: 1x2, 4: 2x2, 8: 2x4) and share "
-                                "the block's negatives.", choices=tuple(STRIDE_BLOCKS))
-    nlist: int | None = option(None, "IVF cells for --knn ivf [default: sqrt(C)].", low=1)
-    nprobe: int | None = option(None, "IVF cells searched per query [default: nlist / 5].", low=1)
-    ivf_rebuild_every: int = option(100, "Training steps between re-clusterings of the IVF index.", low=1)
-    softmax_impl: str = option("dense", "Softmax loss and prediction: dense full-resolution logits, or chunked "
-                                        "(the same values, never holding B x C x H x W logits).",
-                               choices=SOFTMAX_IMPLS)
-
-    def head_options(self) -> dict:
-        """The keyword arguments of this head's module (SoftmaxHead or EssHead)."""
-        if self.head == "softmax":
-            return dict(impl=self.softmax_impl, chunk=self.knn_chunk)
-        return dict(embed_dim=self.embed_dim, normalize=self.normalize, k=self.k, tau=self.tau, margin=self.margin,
-                    knn=self.knn, sampling=self.sampling, reg=self.reg, chunk=self.knn_chunk,
-                    knn_stride=self.knn_stride, nlist=self.nlist, nprobe=self.nprobe,
-                    ivf_rebuild_every=self.ivf_rebuild_every)
+from ess.config import HEADS, ModelArgs
+from ess.heads import EssHead, SoftmaxHead
 
 
 def build_head(args: ModelArgs, in_channels: int) -> nn.Module:
     """The head that `args` describe (args.head, args.num_classes and its options), on `in_channels` features."""
-    if args.head not in HEADS or args.num_classes < 1:
-        raise ValueError(f"model arguments need a head and num_classes >= 1, got {args.head!r}, {args.num_classes}")
     module = SoftmaxHead if args.head == "softmax" else EssHead
     return module(in_channels, args.num_classes, **args.head_options())
 
@@ -95,9 +40,9 @@ class Segmenter(nn.Module):
         """The DeepLabV3+ network that `args` describe, freshly initialised (or ImageNet-pretrained)."""
         import segmentation_models_pytorch as smp
 
-        args = options.updated(args, dataclasses.asdict(args), "model arguments")  # re-validate every field
-        if args.head is None or args.num_classes < 1:
-            raise ValueError(f"model arguments need a head and num_classes >= 1, got {args.head!r}, {args.num_classes}")
+        if args.head is None or args.num_classes is None:
+            raise ValueError(f"model arguments need a head and num_classes, got head {args.head!r}, "
+                             f"num_classes {args.num_classes}")
         try:
             net = smp.DeepLabV3Plus(encoder_name=args.encoder, encoder_weights="imagenet" if args.pretrained else None,
                                     encoder_output_stride=args.output_stride,

@@ -6,8 +6,9 @@ A settings class is a frozen dataclass whose fields are made with `option()`:
     class Settings:
         lr: float = option(0.01, "Base learning rate.", low=0, low_open=True)
 
-From the fields come the validation of values read from YAML or given as flags
-(`updated`), and the command-line flags with their `--help` text (`click_options`).
+From the fields come the validation of every value, once, when the dataclass is constructed
+(its `__post_init__` calls `validate`; `updated` names the YAML file or flag a bad value came
+from), and the command-line flags with their `--help` text (`click_options`).
 Field types are the annotations: bool, int, float (finite), str, `X | None` for an
 optional value, and `tuple[int, ...]`.
 """
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import click
 
-from cocolvis.errors import InputError
+from segkit.errors import InputError
 
 
 def option(default, help: str, *, choices: tuple | None = None, low: float | None = None, high: float | None = None,
@@ -98,28 +99,38 @@ def _bounds(name: str, meta, value) -> str | None:
     return None
 
 
-def check(cls, name: str, value, source) -> object:
-    """One value of option `name` of `cls`, validated and canonical; an InputError naming `source` if bad."""
+def check(cls, name: str, value) -> object:
+    """One value of option `name` of `cls`, validated and canonical; an InputError (naming no file) if bad."""
     field, kind, optional = fields(cls)[name]
     meta = field.metadata
     if value is None:
         if optional:
             return None
-        raise InputError(source, f"option {name!r} cannot be empty")
+        raise InputError(None, f"option {name!r} cannot be empty")
     if meta["directory"]:
         if not isinstance(value, (str, Path)):
-            raise InputError(source, f"option {name!r} expects a directory path, got {value!r}")
+            raise InputError(None, f"option {name!r} expects a directory path, got {value!r}")
         return str(Path(value).expanduser().resolve())
     value, problem = _typed(name, kind, value)
     problem = problem or _bounds(name, meta, value)
     if problem:
-        raise InputError(source, problem)
+        raise InputError(None, problem)
     return value
 
 
+def validate(settings) -> None:
+    """Check every field of a frozen settings dataclass and store its canonical value: its __post_init__."""
+    for name in fields(type(settings)):
+        object.__setattr__(settings, name, check(type(settings), name, getattr(settings, name)))
+
+
 def updated(settings, values: dict, source):
-    """A copy of the `settings` dataclass with `values` (name -> value) validated and applied."""
-    return dataclasses.replace(settings, **{k: check(type(settings), k, v, source) for k, v in values.items()})
+    """A copy of the `settings` dataclass with `values` (name -> value) applied; a bad one is an InputError
+    naming `source` (the YAML file, or the command line)."""
+    try:
+        return dataclasses.replace(settings, **values)
+    except InputError as e:
+        raise InputError(source, e.message) from None
 
 
 def plain(settings) -> dict:

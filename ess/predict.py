@@ -12,7 +12,7 @@ import cv2
 import torch
 from tqdm import tqdm
 
-from cocolvis.io import InputError
+from segkit.io import InputError
 from ess.data import to_tensor
 from ess.evaluate import write_label_png, write_rgb_png
 from ess.run import Run

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from cocolvis.io import InputError, read_json
+from segkit.io import InputError, read_json
 from ess import config as cfg
 from ess.checkpoint import load_model
 from ess.model import Segmenter

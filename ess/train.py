@@ -28,15 +28,16 @@ import torch
 from tqdm import tqdm
 
 from cocolvis.dataset import BuiltDataset
-from cocolvis.errors import OneLineError
-from cocolvis.io import InputError, atomic_open, remove_stale_temporaries, write_json
+from segkit.errors import OneLineError
+from segkit.io import InputError, atomic_open, remove_stale_temporaries, write_json
 from ess import config as cfg
 from ess import distributed
 from ess.checkpoint import load_checkpoint, load_weights, save_checkpoint
 from ess.config import Config, TrainConfig
 from ess.data import TrainSamples, train_loader
 from ess.evaluate import evaluate_model
-from ess.model import ModelArgs, PretrainedWeightsError, Segmenter
+from ess.config import ModelArgs
+from ess.model import PretrainedWeightsError, Segmenter
 from ess.optim import make_optimizer, set_lr
 
 LOG_FIELDS = ("iteration", "loss", "lr", "seconds")

@@ -63,8 +63,8 @@ def tiny_runs(built_train, built_val, tmp_path_factory) -> dict:
 
 
 def ess_head(in_channels: int, num_classes: int, **args):
-    """An ESS head with the default model arguments (ess.model.ModelArgs), some overridden."""
+    """An ESS head with the default model arguments (ess.config.ModelArgs), some overridden."""
+    from ess.config import ModelArgs
     from ess.heads import EssHead
-    from ess.model import ModelArgs
 
     return EssHead(in_channels, num_classes, **ModelArgs(head="ess", **args).head_options())

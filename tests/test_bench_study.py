@@ -11,8 +11,8 @@ import yaml
 from click.testing import CliRunner
 
 from bench.cli import main
-from bench.definitions import VARIANTS
-from bench.study import STUDY_COLUMNS, available_variants, claims
+from ess.variants import VARIANTS, default
+from bench.study import STUDY_COLUMNS, claims
 from test_bench_tables import assert_png
 
 ITERS = 4
@@ -104,22 +104,19 @@ def test_study_interrupted_then_resumed(built_train, built_val, tmp_path, monkey
 
 
 def test_variants_change_only_model_options():
-    from ess.config import KEYS
-    from ess.model import ModelArgs
+    from ess.config import ModelArgs
 
-    model_options = set(ModelArgs.__dataclass_fields__)
-    for name, options in VARIANTS.items():
-        assert set(options) <= model_options | ({"knn_stride"} - set(KEYS)), name  # never the schedule or data
-    offered = available_variants()
-    assert offered[:7] == ["softmax", "ess", "ess-random", "ess-no-norm", "ess-no-reg", "softmax-gn", "ess-gn"]
-    assert ("ess-stride4" in offered) == ("knn_stride" in KEYS)
+    for name, variant in VARIANTS.items():
+        assert variant.name == name and variant.options["head"] in ("softmax", "ess")
+        ModelArgs(**variant.options)  # valid model options, never the schedule or data
+    assert default("study")[:7] == ["softmax", "ess", "ess-random", "ess-no-norm", "ess-no-reg", "softmax-gn", "ess-gn"]
 
 
 def test_bad_variant_is_one_line(built_train, built_val, tmp_path):
     result = CliRunner().invoke(main, ["study", "--data", str(built_train), "--val-data", str(built_val),
                                        "--out", str(tmp_path / "s"), "--variants", "ess,ess-fast"])
     assert result.exit_code == 1
-    assert result.output.startswith("Error: --variants: unknown variant 'ess-fast'; available: softmax, ess")
+    assert result.output.startswith("Error: --variants: unknown variant 'ess-fast'; known: softmax, ")
     assert not (tmp_path / "s").exists()
 
 

@@ -59,10 +59,11 @@ def test_ratios():
 
 def test_cli_rejects_bad_options(tmp_path):
     runner = CliRunner()
-    for args, message in [(["--classes", "19,x"], "comma-separated integers"), (["--size", "64"], "HxW"),
-                          (["--batch", "1"], "1 is not in the range"), (["--heads", "softmax,crf"], "heads must be any of softmax, softmax-chunked")]:
+    for args, message, status in [(["--classes", "19,x"], "comma-separated integers", 2), (["--size", "64"], "HxW", 2),
+                                  (["--batch", "1"], "1 is not in the range", 2),
+                                  (["--heads", "softmax,crf"], "--heads: unknown variant 'crf'; known: softmax, ", 1)]:
         result = runner.invoke(main, ["timing", *args, "--out", str(tmp_path / "o")])
-        assert result.exit_code == 2 and message in result.output, result.output
+        assert result.exit_code == status and message in result.output, result.output
     if not torch.cuda.is_available():
         result = runner.invoke(main, ["timing", "--amp", "--device", "cpu", "--out", str(tmp_path / "o")])
         assert result.exit_code == 1 and "--amp" in result.output

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from cocolvis.dataset import BuiltDataset
-from cocolvis.io import InputError
+from segkit.io import InputError
 
 ROOT = Path(__file__).parents[1]
 

@@ -11,7 +11,7 @@ from cocolvis import paint
 from cocolvis.build import build_split
 from cocolvis.journal import JOURNAL
 from cocolvis.dataset import BuiltDataset, read_label_png
-from cocolvis.io import InputError
+from segkit.io import InputError
 
 
 

@@ -8,7 +8,7 @@ import pytest
 from click.testing import CliRunner
 
 from cocolvis.cli import main
-from cocolvis.io import InputError
+from segkit.io import InputError
 from cocolvis.vocab import (STUFF_CATEGORIES, build_vocabulary, merge_vocabularies, read_lvis_categories,
                             read_stuff_categories, stuff_table)
 

@@ -4,7 +4,7 @@ import dataclasses
 import pytest
 import torch
 
-from cocolvis.io import InputError
+from segkit.io import InputError
 from ess.checkpoint import load_checkpoint, load_model, load_weights, save_checkpoint
 from ess.model import build_model
 

@@ -5,10 +5,10 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from cocolvis.io import InputError
+from segkit.io import InputError
 from ess import config as cfg
 from ess.cli import main
-from ess.model import ModelArgs
+from ess.config import ModelArgs
 
 
 def test_precedence(tmp_path):
@@ -28,6 +28,22 @@ def test_presets_are_valid():
     paper = cfg.resolve("paper")
     assert (paper.model.encoder, paper.train.batch, paper.train.crop, paper.model.output_stride) == ("resnet50", 16, 512, 16)
     assert paper.model.aspp_rates == (6, 12, 18) and paper.model.pretrained and paper.train.iters == 90000
+
+
+def test_presets_inherit_with_base(tmp_path):
+    tiny, study = cfg.resolve("tiny"), cfg.resolve("study")
+    own = cfg.read_yaml(cfg.preset_path("study"))
+    assert own.pop("base") == "tiny"
+    flat_tiny, flat_study = tiny.to_dict(), study.to_dict()
+    assert {k for k in flat_tiny if flat_tiny[k] != flat_study[k]} <= set(own)  # only its own changes differ
+    assert study.model.softmax_impl == "chunked"  # inherited, not copied
+    f = tmp_path / "mine.yaml"
+    f.write_text("base: study\nseed: 3\n")
+    mine = cfg.resolve(None, f)
+    assert mine.train.seed == 3 and mine.train.iters == study.train.iters
+    f.write_text("base: nope\n")
+    with pytest.raises(InputError, match="unknown preset 'nope'"):
+        cfg.resolve(None, f)
 
 
 @pytest.mark.parametrize("text, message", [

@@ -17,14 +17,14 @@ import pytest
 import torch
 
 from cocolvis.dataset import read_label_png
-from cocolvis.io import InputError
+from segkit.io import InputError
 from ess import config as cfg
 from ess.checkpoint import load_checkpoint
 from ess.data import BatchShare
 from ess.device import pick_device
 from ess.evaluate import evaluate_run
 from ess.heads import EssHead, SoftmaxHead
-from ess.model import ModelArgs
+from ess.config import ModelArgs
 from ess.train import train
 
 ROOT = Path(__file__).resolve().parents[1]

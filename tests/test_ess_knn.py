@@ -3,7 +3,10 @@ import numpy as np
 import pytest
 import torch
 
-from ess.knn import knn, knn_excluding, knn_faiss, knn_torch
+from ess.config import ModelArgs
+from ess.knn import knn_excluding, knn_faiss, knn_torch
+
+CHUNK = ModelArgs.chunk
 
 
 def brute_force(queries, base, k):
@@ -22,7 +25,7 @@ def test_torch_and_faiss_match_brute_force(num_classes, normalize):
     k = 8
     expected = brute_force(queries, base, k)
     # A tiny chunk exercises the block loop: 7 rows of 300 classes at a time.
-    got_torch = knn_torch(queries, base, k, chunk=7 * max(num_classes, 1))
+    got_torch = knn_torch(queries, base, k, 7 * max(num_classes, 1))
     got_faiss = knn_faiss(queries, base, k)
     assert got_torch.shape == got_faiss.shape == (500, min(k, num_classes))
     assert torch.equal(got_torch, expected)
@@ -33,9 +36,9 @@ def test_torch_and_faiss_match_brute_force(num_classes, normalize):
 def test_chunk_size_does_not_change_the_result():
     g = torch.Generator().manual_seed(1)
     queries, base = torch.randn(1000, 6, generator=g), torch.randn(97, 6, generator=g)
-    full = knn_torch(queries, base, 5, chunk=1 << 30)
+    full = knn_torch(queries, base, 5, 1 << 30)
     for chunk in (1, 97, 1000, 12345):
-        assert torch.equal(knn_torch(queries, base, 5, chunk=chunk), full)
+        assert torch.equal(knn_torch(queries, base, 5, chunk), full)
 
 
 @pytest.mark.parametrize("backend", ["torch", "faiss"])
@@ -46,7 +49,7 @@ def test_excluding_drops_the_excluded_row_and_keeps_k(backend):
     # Half the queries sit right on their target, so it is their nearest neighbour.
     queries = torch.randn(600, 12, generator=g)
     queries[::2] = base[target[::2]] + 1e-3 * torch.randn(300, 12, generator=g)
-    got = knn_excluding(queries, base, target, 7, backend)
+    got = knn_excluding(queries, base, target, 7, backend, CHUNK)
     assert got.shape == (600, 7)
     assert not (got == target[:, None]).any()
     d = torch.cdist(queries.double(), base.double())
@@ -56,12 +59,8 @@ def test_excluding_drops_the_excluded_row_and_keeps_k(backend):
 
 def test_excluding_with_fewer_classes_than_k():
     base = torch.randn(3, 4)
-    got = knn_excluding(torch.randn(10, 4), base, torch.zeros(10, dtype=torch.long), 7)
+    got = knn_excluding(torch.randn(10, 4), base, torch.zeros(10, dtype=torch.long), 7, "auto", CHUNK)
     assert got.shape == (10, 2)
     assert set(np.unique(got.numpy())) <= {1, 2}
-    assert knn_excluding(torch.randn(10, 4), base[:1], torch.zeros(10, dtype=torch.long), 7).shape == (10, 0)
+    assert knn_excluding(torch.randn(10, 4), base[:1], torch.zeros(10, dtype=torch.long), 7, "auto", CHUNK).shape == (10, 0)
 
-
-def test_unknown_backend():
-    with pytest.raises(ValueError, match="unknown kNN backend"):
-        knn(torch.randn(2, 3), torch.randn(4, 3), 1, backend="annoy")

@@ -5,7 +5,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from ess.config import ModelArgs
 from ess.losses import ess_pixel_loss, sample_negatives, separation_loss, softmax_loss
+
+CHUNK = ModelArgs.chunk
 
 from conftest import ess_head
 
@@ -39,7 +42,7 @@ def test_ess_loss_equals_brute_force(knn, normalize):
         classes, pixels = F.normalize(classes, dim=1), F.normalize(pixels, dim=1)
     target = torch.randint(0, 23, (64,), generator=g)
     pixels[:20] = classes[target[:20]] + 0.01 * torch.randn(20, 5, generator=g)  # target nearest: must be skipped
-    got = ess_pixel_loss(pixels, target, classes, k=7, tau=20.0, sampling="nearest", knn=knn)
+    got = ess_pixel_loss(pixels, target, classes, k=7, tau=20.0, sampling="nearest", knn=knn, chunk=CHUNK, ivf=None)
     assert got.item() == pytest.approx(reference_ess_loss(pixels, target, classes, 7, 20.0), rel=1e-5, abs=1e-6)
 
 
@@ -47,7 +50,7 @@ def test_ess_loss_with_fewer_classes_than_k():
     g = torch.Generator().manual_seed(1)
     classes, pixels = torch.randn(4, 3, generator=g), torch.randn(10, 3, generator=g)
     target = torch.randint(0, 4, (10,), generator=g)
-    got = ess_pixel_loss(pixels, target, classes, k=7, tau=2.0, sampling="nearest", knn="torch")
+    got = ess_pixel_loss(pixels, target, classes, k=7, tau=2.0, sampling="nearest", knn="torch", chunk=CHUNK, ivf=None)
     assert got.item() == pytest.approx(reference_ess_loss(pixels, target, classes, 3, 2.0), rel=1e-5)
 
 
@@ -58,7 +61,7 @@ def test_target_never_among_negatives(sampling):
     target = torch.randint(0, 10, (5000,), generator=g)
     pixels = classes[target] + 0.001 * torch.randn(5000, 4, generator=g)
     torch.manual_seed(0)
-    neg = sample_negatives(pixels, classes, target, 7, sampling, "torch")
+    neg = sample_negatives(pixels, classes, target, 7, sampling, "torch", CHUNK, None)
     assert neg.shape == (5000, 7)
     assert not (neg == target[:, None]).any()
     assert neg.min() >= 0 and neg.max() <= 9
@@ -67,7 +70,7 @@ def test_target_never_among_negatives(sampling):
 def test_random_negatives_are_uniform_over_the_other_classes():
     torch.manual_seed(0)
     target = torch.full((20000,), 3)
-    neg = sample_negatives(torch.zeros(20000, 2), torch.randn(6, 2), target, 5, "random", "torch")
+    neg = sample_negatives(torch.zeros(20000, 2), torch.randn(6, 2), target, 5, "random", "torch", CHUNK, None)
     counts = torch.bincount(neg.flatten(), minlength=6).double()
     assert counts[3] == 0
     others = counts[[0, 1, 2, 4, 5]]
@@ -80,14 +83,14 @@ def test_separation_loss_equals_brute_force():
     classes = F.normalize(torch.randn(50, 12, generator=g), dim=1)
     classes[7] = classes[3] + 0.01  # a close pair, inside the margin
     for margin in (0.2, 1.0, 5.0):
-        assert separation_loss(classes, margin, "torch").item() == pytest.approx(reference_separation(classes, margin), rel=1e-5)
-    assert separation_loss(classes[:1], 0.2, "torch").item() == 0.0
+        assert separation_loss(classes, margin, "torch", CHUNK, None).item() == pytest.approx(reference_separation(classes, margin), rel=1e-5)
+    assert separation_loss(classes[:1], 0.2, "torch", CHUNK, None).item() == 0.0
 
 
 @pytest.mark.parametrize("normalize", [True, False])
 @pytest.mark.parametrize("margin", [0.0, 0.2, 0.6, 3.0])
 def test_pruned_close_pairs_equal_brute_force(normalize, margin):
-    from ess.knn import close_pairs
+    from ess.pairs import close_pairs
 
     g = torch.Generator().manual_seed(int(margin * 10) + normalize)
     classes = torch.randn(600, 12, generator=g)
@@ -95,14 +98,14 @@ def test_pruned_close_pairs_equal_brute_force(normalize, margin):
     classes[80] = classes[81]  # a duplicate: distance 0
     if normalize:
         classes = F.normalize(classes, dim=1)
-    rows, nearest = close_pairs(classes, margin, cells=85)
+    rows, nearest = close_pairs(classes, margin, CHUNK, cells=85)
     _assert_nearest_within(classes, margin, rows, nearest)
 
 
 @pytest.mark.parametrize("margin", [0.01, 0.2])
 def test_pruned_close_pairs_across_cell_boundaries_equal_brute_force(margin):
     """Pairs straddling the bisector of two cell centres, where the pruning bounds are tightest."""
-    from ess.knn import close_pairs
+    from ess.pairs import close_pairs
 
     g = torch.Generator().manual_seed(11)
     classes = F.normalize(torch.randn(600, 12, generator=g), dim=1)
@@ -116,7 +119,7 @@ def test_pruned_close_pairs_across_cell_boundaries_equal_brute_force(margin):
     classes[slots[:84]] = middle - step + 1e-7 * torch.randn(84, 12, generator=g)  # on a's side of the bisector
     classes[slots[84:168]] = middle + step  # on b's side, 0.8 margin away
     classes[slots[168]] = classes[a[0]]  # a duplicate of a centre
-    rows, nearest = close_pairs(classes, margin, cells=85)
+    rows, nearest = close_pairs(classes, margin, CHUNK, cells=85)
     _assert_nearest_within(classes, margin, rows, nearest)
     assert rows.numel() >= 168
 
@@ -137,7 +140,7 @@ def test_separation_loss_over_pruned_pairs_equals_brute_force():
     classes = F.normalize(torch.rand(PRUNED_SEPARATION_MIN_CLASSES, 12, generator=g) * 2 - 1, dim=1)
     classes[:30] = F.normalize(classes[30:60] + 0.05 * torch.randn(30, 12, generator=g), dim=1)
     classes.requires_grad_()
-    got = separation_loss(classes, 0.2, "torch")
+    got = separation_loss(classes, 0.2, "torch", CHUNK, None)
     (grad,) = torch.autograd.grad(got, classes)
     d = torch.cdist(classes.detach().double(), classes.detach().double()).fill_diagonal_(float("inf"))
     nearest = d.argmin(1)

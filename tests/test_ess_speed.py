@@ -4,10 +4,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from ess.config import STRIDE_BLOCKS, ModelArgs
 from ess.heads import SoftmaxHead, UpsampledLogits
-from ess.knn import IvfSearch, faiss_available, knn_excluding, knn_torch, recall_at_k, resolve_backend
-from ess.losses import STRIDE_BLOCKS, block_negatives, ess_pixel_loss, softmax_loss, upsampled_softmax_loss
+from ess.ivf import IvfSearch, recall_at_k
+from ess.knn import faiss_available, knn_excluding, knn_torch, resolve_backend
+from ess.losses import block_negatives, ess_pixel_loss, softmax_loss, upsampled_softmax_loss
 from ess.model import build_model
+from segkit.errors import InputError
+
+CHUNK = ModelArgs.chunk
+
+
+def ivf_search(nlist, nprobe, rebuild_every=ModelArgs.ivf_rebuild_every, **kwargs):
+    return IvfSearch(nlist, nprobe, rebuild_every, CHUNK, **kwargs)
 
 from conftest import ess_head
 
@@ -28,7 +37,7 @@ def test_chunked_softmax_equals_dense(low_size, size, crop, chunk):
     (grad_got,) = torch.autograd.grad(got, low)
     assert got.item() == pytest.approx(expected.item(), rel=1e-5, abs=1e-6)
     torch.testing.assert_close(grad_got, grad_expected, rtol=1e-4, atol=1e-6)
-    head = SoftmaxHead(1, 11, impl="chunked", chunk=chunk)
+    head = SoftmaxHead(1, 11, softmax_impl="chunked", chunk=chunk)
     lazy = UpsampledLogits(low.detach(), size, size)[..., :crop[0], :crop[1]]
     assert lazy.shape == (2, 11, *crop)
     assert torch.equal(head.predict(lazy), dense.argmax(1) + 1)
@@ -59,7 +68,7 @@ def test_upsampled_logits_rejects_other_indexing():
     with pytest.raises(TypeError, match="top-left crop"):
         lazy[0]
     with pytest.raises(ValueError, match="larger than"):
-        upsampled_softmax_loss(torch.zeros(1, 2, 3, 3), torch.zeros(1, 13, 12, dtype=torch.long), (12, 12))
+        upsampled_softmax_loss(torch.zeros(1, 2, 3, 3), torch.zeros(1, 13, 12, dtype=torch.long), (12, 12), CHUNK)
 
 
 def reference_block_negatives(emb, labelled, target, classes, k, stride):
@@ -84,14 +93,14 @@ def test_block_negatives_equal_brute_force_and_exclude_the_target(stride):
     labelled = mask > 0
     target = mask[labelled] - 1
     # Put some targets on their block's nearest class, so the shared list holds them and they must be dropped.
-    nearest = knn_torch(emb.permute(0, 2, 3, 1)[labelled], classes, 1)[:, 0]
+    nearest = knn_torch(emb.permute(0, 2, 3, 1)[labelled], classes, 1, CHUNK)[:, 0]
     target[::3] = nearest[::3]
-    got = block_negatives(emb, labelled, target, classes, 7, stride, "torch")
+    got = block_negatives(emb, labelled, target, classes, 7, stride, "torch", CHUNK, None)
     assert got.shape == (target.shape[0], 7)
     assert not (got == target[:, None]).any()
     assert torch.equal(got, reference_block_negatives(emb, labelled, target, classes, 7, stride))
     if stride == 1:  # one search per pixel is the per-pixel search
-        assert torch.equal(got, knn_excluding(emb.permute(0, 2, 3, 1)[labelled], classes, target, 7, "torch"))
+        assert torch.equal(got, knn_excluding(emb.permute(0, 2, 3, 1)[labelled], classes, target, 7, "torch", CHUNK))
 
 
 def test_strided_head_loss_is_the_loss_over_shared_negatives():
@@ -104,7 +113,8 @@ def test_strided_head_loss_is_the_loss_over_shared_negatives():
     classes = head.class_embeddings()
     negatives = reference_block_negatives(out.detach(), labelled, target, classes.detach(), 7, 4)
     pixels = out.permute(0, 2, 3, 1)[labelled]
-    expected = ess_pixel_loss(pixels, target, classes, k=7, tau=head.tau, negatives=negatives)
+    expected = ess_pixel_loss(pixels, target, classes, k=7, tau=head.tau, sampling="nearest", knn="torch", chunk=CHUNK,
+                              ivf=None, negatives=negatives)
     assert head.loss(out, mask).item() == pytest.approx(expected.item(), rel=1e-6)
 
 
@@ -124,7 +134,7 @@ def test_ivf_search_is_exact_within_the_probed_cells(use_faiss):
     g = torch.Generator().manual_seed(5)
     base = F.normalize(torch.randn(400, 8, generator=g), dim=1)
     queries = F.normalize(torch.randn(300, 8, generator=g), dim=1)
-    ivf = IvfSearch(nlist=16, nprobe=3, min_classes=0, use_faiss=use_faiss)
+    ivf = ivf_search(16, 3, min_classes=0, use_faiss=use_faiss)
     ivf.update(base)
     got = ivf.search(queries, base, 6)
     # faiss on the CPU stores float16 codes of the embeddings and ranks by them
@@ -134,7 +144,7 @@ def test_ivf_search_is_exact_within_the_probed_cells(use_faiss):
     assert full.float().mean() > 0.9
     same = (got[full] == expected[full]).all(1).float().mean()
     assert same > 0.99  # float32 vs float64 ties aside
-    exact = knn_torch(queries, base, 6)
+    exact = knn_torch(queries, base, 6, CHUNK)
     assert torch.equal(got[~full], exact[~full])
     assert (got >= 0).all() and recall_at_k(got, exact) > 0.8
 
@@ -145,7 +155,7 @@ def test_ivf_keeps_float32_lists_beyond_float16_range():
     g = torch.Generator().manual_seed(7)
     base = torch.randn(400, 8, generator=g) * 1e5
     queries = torch.randn(300, 8, generator=g) * 1e5
-    ivf = IvfSearch(nlist=16, nprobe=3, min_classes=0, use_faiss=True)
+    ivf = ivf_search(16, 3, min_classes=0, use_faiss=True)
     ivf.update(base)
     got = ivf.search(queries, base, 6)
     expected, reachable = reference_ivf(queries, base, ivf.centroids, 3, 6)
@@ -156,7 +166,7 @@ def test_ivf_keeps_float32_lists_beyond_float16_range():
 def test_ivf_rebuilds_every_n_updates_and_refiles_moved_embeddings():
     g = torch.Generator().manual_seed(6)
     base = torch.randn(300, 4, generator=g)
-    ivf = IvfSearch(nlist=10, nprobe=2, rebuild_every=3, min_classes=0, use_faiss=False)
+    ivf = ivf_search(10, 2, 3, min_classes=0, use_faiss=False)
     ivf.update(base)
     first = ivf.centroids
     moved = base + 0.5
@@ -172,11 +182,11 @@ def test_ivf_rebuilds_every_n_updates_and_refiles_moved_embeddings():
 def test_ivf_falls_back_to_exact_where_it_cannot_win():
     g = torch.Generator().manual_seed(7)
     base, queries = torch.randn(50, 4, generator=g), torch.randn(20, 4, generator=g)
-    ivf = IvfSearch(nlist=8, nprobe=2)  # 50 classes < IVF_MIN_CLASSES
+    ivf = ivf_search(8, 2)  # 50 classes < IVF_MIN_CLASSES
     assert ivf.exact(50)
     ivf.update(base)
-    assert ivf.centroids is None and torch.equal(ivf.search(queries, base, 5), knn_torch(queries, base, 5))
-    assert IvfSearch(nlist=8, nprobe=8, min_classes=0).exact(50)
+    assert ivf.centroids is None and torch.equal(ivf.search(queries, base, 5), knn_torch(queries, base, 5, CHUNK))
+    assert ivf_search(8, 8, min_classes=0).exact(50)
 
 
 def test_ess_head_with_ivf_trains_and_predicts_exactly():
@@ -189,7 +199,7 @@ def test_ess_head_with_ivf_trains_and_predicts_exactly():
     loss.backward()
     assert torch.isfinite(loss) and head.ivf.updates == 1 and head.ivf.centroids is not None
     flat = out.detach().permute(0, 2, 3, 1).reshape(-1, 6)
-    assert torch.equal(head.predict(out.detach()).flatten() - 1, knn_torch(flat, head.class_embeddings(), 1)[:, 0])
+    assert torch.equal(head.predict(out.detach()).flatten() - 1, knn_torch(flat, head.class_embeddings(), 1, CHUNK)[:, 0])
 
 
 @pytest.mark.parametrize("normalize", [True, False])
@@ -198,7 +208,7 @@ def test_ess_prediction_is_the_nearest_class_in_either_memory_layout(normalize, 
     if knn == "faiss" and not faiss_available():
         pytest.skip("faiss not installed")
     torch.manual_seed(8)
-    head = ess_head(4, 23, embed_dim=5, normalize=normalize, knn=knn, knn_chunk=100)
+    head = ess_head(4, 23, embed_dim=5, normalize=normalize, knn=knn, chunk=100)
     out = head(torch.randn(2, 4, 7, 9), (14, 18)).detach()
     assert out.is_contiguous(memory_format=torch.channels_last)
     flat = out.permute(0, 2, 3, 1).reshape(-1, 5).double()
@@ -209,33 +219,28 @@ def test_ess_prediction_is_the_nearest_class_in_either_memory_layout(normalize, 
 
 def test_auto_backend():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert resolve_backend("auto", cpu, 19) == "torch"
+    assert resolve_backend("auto", cpu, 19) == "torch" and resolve_backend("auto", cuda, 19) == "torch"
     assert resolve_backend("auto", cpu, 10000) == ("faiss" if faiss_available() else "torch")
+    assert resolve_backend("ivf", cpu, 10000, ivf_search(100, 20)) == "ivf"
+    assert resolve_backend("ivf", cpu, 50, ivf_search(8, 2)) == "torch"  # the index would be exact here
     assert resolve_backend("faiss", cpu, 19) == "faiss" and resolve_backend("torch", cpu, 10000) == "torch"
     # On CUDA without faiss-gpu (faiss-cpu has no GPU indexes): torch, never a host copy through faiss-cpu.
     from ess.knn import faiss_uses_gpu
     if not faiss_uses_gpu(cuda):
         assert resolve_backend("auto", cuda, 10000) == "torch"
-    with pytest.raises(ValueError, match="unknown kNN backend"):
-        resolve_backend("annoy", cpu, 10)
-    from ess.knn import ivf_uses_faiss
+    from ess.ivf import ivf_uses_faiss
     assert ivf_uses_faiss(cpu) == faiss_available() and not ivf_uses_faiss(cpu, prefer=False)
     assert ivf_uses_faiss(cuda) == faiss_uses_gpu(cuda)  # faiss-cpu never serves CUDA embeddings
 
 
-@pytest.mark.parametrize("kwargs,message", [({"knn_stride": 3}, "knn_stride must be one of 1, 2, 4, 8"),
-                                            ({"knn": "annoy"}, "knn must be one of"), ({"k": 0}, "k must be"),
-                                            ({"tau": 0}, "tau must be"), ({"knn": "ivf", "nprobe": 0}, "nprobe"),
-                                            ({"knn": "ivf", "ivf_rebuild_every": 0}, "ivf_rebuild_every"),
-                                            ({"knn": "ivf", "nlist": 0}, "nlist")])
-def test_head_options_are_validated(kwargs, message):
-    with pytest.raises(ValueError, match=message):
-        ess_head(4, 10, **kwargs)
-
-
-def test_softmax_impl_is_validated():
-    with pytest.raises(ValueError, match="softmax impl must be one of dense, chunked"):
-        SoftmaxHead(4, 10, impl="fused", chunk=1 << 22)
+@pytest.mark.parametrize("kwargs,message", [({"knn_stride": 3}, "'knn_stride' must be one of 1, 2, 4, 8"),
+                                            ({"knn": "annoy"}, "'knn' must be one of"), ({"k": 0}, "'k' must be"),
+                                            ({"tau": 0}, "'tau' must be positive"), ({"nprobe": 0}, "'nprobe'"),
+                                            ({"ivf_rebuild_every": 0}, "'ivf_rebuild_every'"), ({"nlist": 0}, "'nlist'"),
+                                            ({"softmax_impl": "fused"}, "'softmax_impl' must be one of dense, chunked")])
+def test_head_options_are_validated_once_by_the_model_arguments(kwargs, message):
+    with pytest.raises(InputError, match=message):
+        ModelArgs(head="ess", **kwargs)
 
 
 def test_fused_ess_loss_equals_autograd_composition():
@@ -247,8 +252,9 @@ def test_fused_ess_loss_equals_autograd_composition():
     target = torch.randint(0, 30, (500,), generator=g)
     pixels[:50] = classes.detach()[target[:50]]  # zero distance to the target: the clamped, gradient-free case
     pixels.requires_grad_()
-    negatives = knn_excluding(pixels, classes, target, 7, "torch")
-    got = ess_pixel_loss(pixels, target, classes, k=7, tau=20.0, negatives=negatives)
+    negatives = knn_excluding(pixels, classes, target, 7, "torch", CHUNK)
+    got = ess_pixel_loss(pixels, target, classes, k=7, tau=20.0, sampling="nearest", knn="torch", chunk=CHUNK, ivf=None,
+                         negatives=negatives)
     grads = torch.autograd.grad(got, (pixels, classes))
     candidates = torch.cat([target[:, None], negatives], 1)
     expected = ess_pixel_loss_reference(pixels, classes, candidates, 20.0)
@@ -272,7 +278,7 @@ def test_dense_small_class_path_equals_the_gather_path(num_classes, k, rows, nor
     pixels[:40] = classes[target[:40]]  # zero distance to the target: the clamped, gradient-free case
     pixels[40:80] = classes[target[40:80]] + 1e-3 * torch.randn(40, 6, generator=g, dtype=torch.float64)
     k = min(k, num_classes - 1)
-    negatives = knn_excluding(pixels, classes, target, k, "torch")
+    negatives = knn_excluding(pixels, classes, target, k, "torch", CHUNK)
     reference = (pixels.clone().requires_grad_(), classes.clone().requires_grad_())
     expected = ess_pixel_loss_reference(*reference, torch.cat([target[:, None], negatives], 1), 20.0)
     expected_grads = torch.autograd.grad(expected, reference)
@@ -287,10 +293,12 @@ def test_dense_small_class_path_equals_the_gather_path(num_classes, k, rows, nor
 def test_dense_path_is_taken_for_small_exact_torch_searches_only():
     from ess.losses import DENSE_MAX_CLASSES, uses_dense_path
 
-    assert uses_dense_path(19, "auto") and uses_dense_path(DENSE_MAX_CLASSES, "torch")
-    assert not uses_dense_path(DENSE_MAX_CLASSES + 1, "auto")
-    assert not uses_dense_path(19, "faiss")  # an explicit faiss backend keeps faiss
-    assert uses_dense_path(19, "ivf", IvfSearch()) and not uses_dense_path(5000, "ivf", IvfSearch(nlist=64))
+    cpu = torch.device("cpu")
+    assert uses_dense_path(19, "auto", cpu, None) and uses_dense_path(DENSE_MAX_CLASSES, "torch", cpu, None)
+    assert not uses_dense_path(DENSE_MAX_CLASSES + 1, "auto", cpu, None)
+    assert not uses_dense_path(19, "faiss", cpu, None)  # an explicit faiss backend keeps faiss
+    assert uses_dense_path(19, "ivf", cpu, ivf_search(None, None))
+    assert not uses_dense_path(5000, "ivf", cpu, ivf_search(64, None))
 
 
 def test_loss_step_benchmark_reports_time_and_memory_of_every_row(tmp_path):
@@ -298,7 +306,7 @@ def test_loss_step_benchmark_reports_time_and_memory_of_every_row(tmp_path):
 
     from click.testing import CliRunner
 
-    from ess.benchmark import main
+    from benchmarks.loss_step import main
 
     out = tmp_path / "steps.json"
     result = CliRunner().invoke(main, ["--classes", "19", "--size", "1x8x8", "--heads", "softmax,ess", "--rounds", "2",

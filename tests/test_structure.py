@@ -1,9 +1,12 @@
-"""The packages import each other without cycles, counting imports inside functions too."""
+"""The packages import each other without cycles and only downwards (bench -> ess -> cocolvis -> segkit),
+counting imports inside functions too; the option and variant registries import no torch."""
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("cocolvis", "ess", "bench")
+PACKAGES = ("segkit", "cocolvis", "ess", "bench")  # each may import only those before it
 
 
 def project_imports(path: Path) -> set[str]:
@@ -38,3 +41,16 @@ def test_no_import_cycles():
         if module not in state:
             visit(module, [])
     assert len(graph) > 20
+
+
+def test_packages_import_only_downwards():
+    for rank, package in enumerate(PACKAGES):
+        for path in (ROOT / package).glob("*.py"):
+            above = {i.split(".")[0] for i in project_imports(path)} - set(PACKAGES[:rank + 1])
+            assert not above, f"{path.relative_to(ROOT)} imports {sorted(above)}, a layer above {package}"
+
+
+def test_options_and_variants_import_no_torch():
+    code = ("import sys, ess.config, ess.variants, bench.cli; "
+            "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if m.startswith('torch'))")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)

@@ -1,4 +1,4 @@
-"""Speed of the bench hot paths against the naive way, in the same run: `python -m bench.benchmark`.
+"""Speed of the bench hot paths against the naive way, in the same run: `python -m benchmarks.analysis`.
 
     top-n curve      cumulative sums over the ordered IoUs  vs  a mean per n (O(C^2))
     per-class IoU    diagonal and margins of the confusion  vs  a loop over classes

@@ -1,7 +1,7 @@
 """Build throughput: ours against the published algorithm and against the floor.
 
-    python -m cocolvis.benchmark [--images 150] [--repeat 2] [--workers 2]
-    python -m cocolvis.benchmark --full-scale    # LVIS-train-sized annotations: time and peak memory
+    python -m benchmarks.build [--images 150] [--repeat 2] [--workers 2]
+    python -m benchmarks.build --full-scale    # LVIS-train-sized annotations: time and peak memory
 
 On COCO-sized synthetic input (480x640, 12 LVIS instances and 8 stuff regions per
 image) it times, in images per second:
@@ -303,7 +303,7 @@ def write_full_scale(out: Path, images: int = 100_000, instances: int = 1_270_00
     The geometry comes from a few hundred pre-formatted polygons and stuff partitions,
     reused with new ids, so writing is string joining; the files are in the real formats.
     """
-    from cocolvis.synth import _stuff_regions
+    from cocolvis.synth import stuff_regions
     from cocolvis.vocab import DEFAULT_LVIS, STUFF_CATEGORIES, read_lvis_categories
 
     rng = np.random.default_rng(seed)
@@ -318,7 +318,7 @@ def write_full_scale(out: Path, images: int = 100_000, instances: int = 1_270_00
         polygons.append((json.dumps([np.round(pts.ravel(), 2).tolist()]), area))
     partitions = []
     for _ in range(64):
-        cells = _stuff_regions(rng, h, w, 8)
+        cells = stuff_regions(rng, h, w, 8)
         partitions.append([json.dumps(mask_utils.encode(np.asfortranarray((cells == k).astype(np.uint8)))["counts"]
                                       .decode()) for k in range(8)])
     lvis_cats = read_lvis_categories(DEFAULT_LVIS)
@@ -415,6 +415,6 @@ def main(images, repeat, workers, full, limit, tmp):
 
 
 if __name__ == "__main__":
-    from cocolvis.benchmark import main as _main  # pool workers pickle functions by their importable name
+    from benchmarks.build import main as _main  # pool workers pickle functions by their importable name
 
     _main()

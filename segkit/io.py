@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
-from cocolvis.errors import InputError  # noqa: F401  (re-exported: the errors every reader raises)
+from segkit.errors import InputError  # noqa: F401  (re-exported: the errors every reader raises)
 
 
 def _current_umask() -> int:

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cocolvis import benchmark
+from benchmarks import build as benchmark
 
 
 

@@ -1,6 +1,6 @@
 """Memory and time of one training step of each head's loss, as the class count grows.
 
-    python -m ess.benchmark [--classes 19,150,1284,10000,20000] [--size 2x256x256]
+    python -m benchmarks.loss_step [--classes 19,150,1284,10000,20000] [--size 2x256x256]
 
 Each measurement runs in fresh subprocesses (after one warm-up step): the head (1x1 conv, bilinear upsampling
 to the label size, loss) forward and backward on decoder features of a B x H x W
@@ -29,19 +29,21 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 from statistics import median
 
 import click
 
-from ess.heads import VARIANTS
-from ess.knn import BACKENDS, DEFAULT_KNN, faiss_available
+from ess.config import KNN_BACKENDS, ModelArgs
+from ess.knn import faiss_available
 from ess.losses import DENSE_MAX_CLASSES
 from ess.measure import PeakMemory, available_bytes, time_calls
+from ess.variants import VARIANTS, default
 
 DECODER_CHANNELS = 256
-EMBED_DIM = 12
-K = 7
-ROWS = (*VARIANTS, "ess-naive")
+DEFAULTS = ModelArgs()  # d, k, tau, margin and the search's chunk: the model's defaults
+EMBED_DIM, K = DEFAULTS.embed_dim, DEFAULTS.k
+ROWS = (*default("speed"), "ess-naive")
 
 
 def predicted_bytes(head: str, classes: int, batch: int, height: int, width: int) -> int:
@@ -56,7 +58,7 @@ def predicted_bytes(head: str, classes: int, batch: int, height: int, width: int
     return 4000 * pixels + 64 * classes  # (P, k+1, d) gathers and gradients; flat in C
 
 
-def naive_ess_loss(pixels, target, classes, k=K, tau=20.0, margin=0.2):
+def naive_ess_loss(pixels, target, classes, k: int, tau: float, margin: float):
     """The ESS loss the obvious way: full distance matrices (what the chunked search avoids)."""
     import torch
     import torch.nn.functional as F
@@ -83,14 +85,13 @@ def measure_step(head: str, classes: int, batch: int, height: int, width: int, r
     import torch
     import torch.nn.functional as F
 
-    from ess.model import ModelArgs, build_head
+    from ess.model import build_head
 
     torch.manual_seed(0)
     features = torch.randn(batch, DECODER_CHANNELS, height // 4, width // 4, requires_grad=True)
     mask = torch.randint(1, classes + 1, (batch, height, width))
     variant = "ess" if head == "ess-naive" else head
-    kind, own = VARIANTS[variant]
-    args = ModelArgs(**{"head": kind, "num_classes": classes, "embed_dim": EMBED_DIM, "k": K, "knn": knn, **own})
+    args = ModelArgs(**{"num_classes": classes, "knn": knn, **VARIANTS[variant].options})
     module = build_head(args, DECODER_CHANNELS)
 
     def step():
@@ -98,7 +99,8 @@ def measure_step(head: str, classes: int, batch: int, height: int, width: int, r
         if head == "ess-naive":
             labelled = mask > 0
             pixels = output.permute(0, 2, 3, 1)[labelled]
-            loss = naive_ess_loss(pixels, mask[labelled] - 1, F.normalize(module.embeddings, dim=1))
+            loss = naive_ess_loss(pixels, mask[labelled] - 1, F.normalize(module.embeddings, dim=1), args.k, args.tau,
+                                  args.margin)
         else:
             loss = module.loss(output, mask)
         loss.backward()
@@ -116,7 +118,7 @@ def measure_step(head: str, classes: int, batch: int, height: int, width: int, r
 
 
 def run_child(head: str, classes: int, size: tuple[int, int, int], repeats: int, knn: str, memory: bool) -> dict:
-    cmd = [sys.executable, "-m", "ess.benchmark", "--measure", f"{head}:{classes}",
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--measure", f"{head}:{classes}",
            "--size", "x".join(map(str, size)), "--repeats", str(repeats), "--knn", knn] + (["--memory"] if memory else [])
     env = dict(os.environ)
     if memory:
@@ -146,9 +148,10 @@ def knn_table(class_counts: list[int], queries: int, repeats: int) -> list[dict]
         row = {"classes": c}
         results, times = {}, {"torch": [], "faiss": []}
         for _ in range(repeats):  # interleaved, best of: robust to other load on the machine
-            for name, fn in (("torch", knn_torch), ("faiss", knn_faiss)):
+            for name, fn in (("torch", lambda: knn_torch(q, base, K + 1, DEFAULTS.chunk)),
+                             ("faiss", lambda: knn_faiss(q, base, K + 1))):
                 start = time.perf_counter()
-                results[name] = fn(q, base, K + 1)
+                results[name] = fn()
                 times[name].append(time.perf_counter() - start)
         row.update({name: min(t) for name, t in times.items()})
         row["same"] = float((results["torch"] == results["faiss"]).all(1).float().mean())
@@ -167,8 +170,11 @@ def search_table(class_counts: list[int], batch: int, height: int, width: int, r
     import torch
     import torch.nn.functional as F
 
-    from ess.knn import IvfSearch, knn_excluding, recall_at_k
+    from ess.ivf import IvfSearch, recall_at_k
+    from ess.knn import knn_excluding
     from ess.losses import block_negatives
+
+    chunk = DEFAULTS.chunk
 
     def differ(a, b):
         return float((a.sort(1).values != b.sort(1).values).any(1).float().mean())
@@ -188,21 +194,21 @@ def search_table(class_counts: list[int], batch: int, height: int, width: int, r
         labelled = torch.ones(batch, height, width, dtype=torch.bool)
         pixels = emb.permute(0, 2, 3, 1).reshape(-1, EMBED_DIM)
         base = F.normalize(torch.rand(c, EMBED_DIM, generator=g) * 2 - 1, dim=1)
-        exact, t_exact = timed(lambda: knn_excluding(pixels, base, target, K, "auto"))
+        exact, t_exact = timed(lambda: knn_excluding(pixels, base, target, K, "auto", chunk))
         row = {"classes": c, "exact_s": t_exact}
         for stride in (2, 4, 8):
-            shared, t = timed(lambda: block_negatives(emb, labelled, target, base, K, stride, "auto"))
+            shared, t = timed(lambda: block_negatives(emb, labelled, target, base, K, stride, "auto", chunk, None))
             row[f"stride{stride}_s"], row[f"stride{stride}_differ"] = t, differ(shared, exact)
             row[f"stride{stride}_recall"] = recall_at_k(shared, exact)
-        ivf = IvfSearch()
+        ivf = IvfSearch(DEFAULTS.nlist, DEFAULTS.nprobe, DEFAULTS.ivf_rebuild_every, chunk)
         row["ivf_exact"] = ivf.exact(c)
         row["nlist"], row["nprobe"] = ivf.cells(c)
         start = time.perf_counter()
         ivf.update(base)  # the first update clusters the class embeddings
         row["ivf_build_s"] = time.perf_counter() - start
-        found, row["ivf_s"] = timed(lambda: knn_excluding(pixels, base, target, K, "ivf", ivf=ivf))
+        found, row["ivf_s"] = timed(lambda: knn_excluding(pixels, base, target, K, "ivf", chunk, ivf))
         row["ivf_recall"] = recall_at_k(found, exact)
-        both, row["stride4_ivf_s"] = timed(lambda: block_negatives(emb, labelled, target, base, K, 4, "ivf", ivf=ivf))
+        both, row["stride4_ivf_s"] = timed(lambda: block_negatives(emb, labelled, target, base, K, 4, "ivf", chunk, ivf))
         row["stride4_ivf_recall"] = recall_at_k(both, exact)
         rows.append(row)
     return rows
@@ -226,7 +232,7 @@ def _fmt_s(row: dict) -> str:
 @click.option("--rounds", default=1, show_default=True, type=click.IntRange(min=1),
               help="Rounds of the time measurements, interleaved; the median over rounds is reported.")
 @click.option("--max-gb", type=float, help="Skip measurements predicted above this [default: available memory - 2 GB].")
-@click.option("--knn", type=click.Choice(BACKENDS), default=DEFAULT_KNN, show_default=True,
+@click.option("--knn", type=click.Choice(KNN_BACKENDS), default=DEFAULTS.knn, show_default=True,
               help="kNN backend of the ESS rows.")
 @click.option("--no-knn-table", is_flag=True, help="Skip the kNN backend comparison and the stride / IVF table.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Also write every figure to this JSON file.")
@@ -334,7 +340,7 @@ def main(classes, size, heads, repeats, rounds, max_gb, knn, no_knn_table, json_
                        f"{r['ivf_s']:7.3f} {r['ivf_recall']:7.2%} {r['stride4_ivf_s']:8.3f} "
                        f"{r['stride4_ivf_recall']:7.2%} {r['exact_s'] / r['stride4_ivf_s']:13.1f}x")
     if json_out:
-        from cocolvis.io import write_json
+        from segkit.io import write_json
 
         write_json(json_out, {"size": [batch, height, width], "loss_steps": results, "knn": knn_rows,
                               "search": search_rows})
