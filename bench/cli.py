@@ -161,10 +161,12 @@ def compare(evals: tuple[Path, ...], data: Path | None, out: Path):
 
 
 @main.command(help=(
-    "Train and evaluate the softmax head, ESS and the ablations of ESS alike, then tabulate, draw and check the "
-    "paper's claims: OUT/runs/<variant>, study.csv, study.md, topn_miou.png, learning_curve.png. Every variant "
-    "gets the same data, iterations, seed and schedule and differs only in its model options; each is evaluated "
-    "on --val-data at its last checkpoint.\n\n"
+    "Train and evaluate the softmax head, ESS and its variants alike at one or several budgets, then tabulate, "
+    "draw and check the paper's claims. Every (variant, iterations, seed) cell is a run OUT/runs/iters<N>/seed<S>/"
+    "<variant> with the same data, batch and schedule (each budget a full schedule of its own), differing only in "
+    "the variant's options, evaluated on --val-data at its last checkpoint (an ESS cell also with the pixel-mean "
+    "readout). Writes OUT/budget.csv, budget.png, study.md, and per budget iters<N>/study.csv, study.md, "
+    "topn_miou.png, learning_curve.png, from every evaluated cell in OUT.\n\n"
     "Variants: " + "; ".join(f"{v.name} ({', '.join(f'{k}: {x}' for k, x in v.options.items())})"
                              for v in variants.VARIANTS.values())
     + ".\n\nstudy.csv groups: " + GROUP_DEFINITION))
@@ -175,21 +177,24 @@ def compare(evals: tuple[Path, ...], data: Path | None, out: Path):
 @click.option("--variants", default=None,
               help="Comma-separated variant names, trained in this order [default: " + ",".join(variants.default("study"))
                    + "].")
-@click.option("--iters", type=click.IntRange(min=1), default=None,
-              help="Training iterations of every variant [default: the preset's].")
+@click.option("--iters", default=None,
+              help="Comma-separated budgets, e.g. 300,1000,3000: each a full schedule of that many iterations "
+                   "[default: the preset's].")
+@click.option("--seeds", default=None,
+              help="Comma-separated seeds of every budget [default: the preset's seed].")
 @click.option("--preset", default="study", show_default=True,
-              help="Named `ess` configuration that every variant starts from (ess/configs/<preset>.yaml).")
+              help="Named `ess` configuration that every cell starts from (ess/configs/<preset>.yaml).")
 @click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
-              help="YAML file of `ess train` options applied after the preset, for every variant.")
+              help="YAML file of `ess train` options applied after the preset, for every cell.")
 @click.option("--resume", is_flag=True,
-              help="Continue a study in OUT: evaluated variants are kept, a partly trained one continues from "
-                   "its last.pt.")
+              help="Continue or extend the study in OUT (other budgets or seeds, same settings): evaluated cells are "
+                   "kept, a partly trained one continues from its last.pt.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def study(data, val_data, out, variants, iters, preset, config_file, resume, quiet):
+def study(data, val_data, out, variants, iters, seeds, preset, config_file, resume, quiet):
     from bench.study import run_study
 
-    run_study(data, val_data, out, variants=variants, iters=iters, preset=preset, config_file=config_file,
-              resume=resume, progress=not quiet)
+    run_study(data, val_data, out, variants=variants, iters=iters, seeds=seeds, preset=preset,
+              config_file=config_file, resume=resume, progress=not quiet)
 
 
 if __name__ == "__main__":

@@ -132,7 +132,7 @@ def measure(head: str, num_classes: int, phase: str, plan: TimingPlan) -> dict:
     cuda = device.type == "cuda"
     size = next(s.size for s in plan.setups if s.num_classes == num_classes)
     model = Segmenter.from_args(ModelArgs(**{"num_classes": num_classes, "encoder": plan.encoder,
-                                              **plan.head_options, **VARIANTS[head].options})).to(device)
+                                              **plan.head_options, **VARIANTS[head].model_options})).to(device)
     x, mask = synthetic_batch(num_classes, size, plan.batch, device)
     autocast = torch.autocast(device.type, dtype=torch.float16, enabled=plan.amp and cuda)
 

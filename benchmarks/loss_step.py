@@ -91,7 +91,7 @@ def measure_step(head: str, classes: int, batch: int, height: int, width: int, r
     features = torch.randn(batch, DECODER_CHANNELS, height // 4, width // 4, requires_grad=True)
     mask = torch.randint(1, classes + 1, (batch, height, width))
     variant = "ess" if head == "ess-naive" else head
-    args = ModelArgs(**{"num_classes": classes, "knn": knn, **VARIANTS[variant].options})
+    args = ModelArgs(**{"num_classes": classes, "knn": knn, **VARIANTS[variant].model_options})
     module = build_head(args, DECODER_CHANNELS)
 
     def step():

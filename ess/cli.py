@@ -9,6 +9,7 @@ import click
 from segkit.errors import CommandGroup
 from segkit.io import InputError, read_json
 from ess import config as cfg
+from ess.config import READOUTS
 from ess.options import click_options
 
 PATH = click.Path(path_type=Path)
@@ -63,17 +64,21 @@ def train(out, config_file, preset, resume, stop_after, quiet, **options):
 @click.option("--device", default="auto", show_default=True,
               help="auto, cpu, cuda or cuda:N (under torchrun: cuda means cuda:LOCAL_RANK).")
 @click.option("--workers", default=0, show_default=True, type=click.IntRange(min=0), help="DataLoader worker processes.")
+@click.option("--readout", type=click.Choice(READOUTS), default="learned", show_default=True,
+              help="ESS only: pixel-mean replaces each class embedding by the mean embedding of its pixels in the "
+                   "run's training data (how far the class side lags); writes RUN/eval-pixel-mean by default.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def eval_command(run_dir, data, images_root, out, save_predictions, checkpoint, crop_val, device, workers, quiet):
+def eval_command(run_dir, data, images_root, out, save_predictions, checkpoint, crop_val, device, workers, readout,
+                 quiet):
     """Evaluate a run: metrics.json, per_class.csv and confusion.npz (under torchrun, the processes share the images)."""
     from ess.distributed import is_main
     from ess.evaluate import evaluate_run
 
     metrics = evaluate_run(run_dir, data, images_root, out, save_predictions, checkpoint, crop_val, device,
-                           progress=not quiet, workers=workers)
+                           progress=not quiet, workers=workers, readout=readout)
     if not is_main():
         return
-    where = out if out is not None else run_dir / "eval"
+    where = out if out is not None else run_dir / ("eval" if readout == "learned" else f"eval-{readout}")
     click.echo(f"{metrics['head']}: mIoU {_fmt(metrics['miou'])}, pixel acc {_fmt(metrics['pixel_acc'])}, "
                f"{metrics['classes_present']}/{metrics['num_classes']} classes present -> {where}")
 

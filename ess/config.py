@@ -28,11 +28,16 @@ ENCODERS = ("resnet18", "resnet50", "resnet101", "mobilenet_v2")
 NORMS = ("bn", "gn")
 SOFTMAX_IMPLS = ("dense", "chunked")
 SAMPLINGS = ("nearest", "random")
+NORMALIZE_AT = ("output", "decoder")
+CLASS_UPDATES = ("gradient", "prototype")
 # auto: see ess.knn.resolve_backend, the one place that says what it means.
 KNN_BACKENDS = ("auto", "torch", "faiss", "ivf")
 # knn stride -> block (rows, columns) of pixels that share one search
 STRIDE_BLOCKS = {1: (1, 1), 2: (1, 2), 4: (2, 2), 8: (2, 4)}
 DEVICE_PATTERN = r"auto|cpu|cuda(:\d+)?"
+# How `ess eval` reads out an ESS network's classes: its learned class embeddings, or each class's mean pixel
+# embedding over the training data (ess.readout).
+READOUTS = ("learned", "pixel-mean")
 
 
 @dataclass(frozen=True)
@@ -52,6 +57,16 @@ class ModelArgs:
     embed_dim: int = option(12, "ESS embedding dimension d.", low=1)
     normalize: bool = option(True, "L2-normalise pixel and class embeddings (--no-norm for the ablation).",
                              flag="--normalize/--no-norm")
+    normalize_at: str = option("output", "Where a pixel embedding is L2-normalised: output (after the bilinear "
+                                         "upsampling: every pixel unit length) or decoder (before it, at decoder "
+                                         "resolution, as the published ESSNet code does).", choices=NORMALIZE_AT)
+    class_update: str = option("gradient", "How the class embeddings learn: gradient (the paper), or prototype: "
+                                           "no gradient, each kept as a moving average of its labelled pixels' "
+                                           "embeddings (beyond the paper; see --proto-momentum).",
+                               choices=CLASS_UPDATES)
+    proto_momentum: float = option(0.999, "With --class-update prototype: the moving average's momentum once a "
+                                          "class has been seen in 1 / (1 - momentum) batches; before that, the "
+                                          "plain mean of every batch so far.", low=0, high=1, high_open=True)
     k: int = option(7, "ESS negatives per pixel.", low=1)
     tau: float = option(20.0, "ESS logit scale: logits = -tau * distance.", low=0, low_open=True)
     margin: float = option(0.2, "Margin of the class-separation regulariser.", low=0)
@@ -82,8 +97,8 @@ class ModelArgs:
 # The ModelArgs fields each head's module takes, under the same names.
 HEAD_OPTIONS = {
     "softmax": ("softmax_impl", "chunk"),
-    "ess": ("embed_dim", "normalize", "k", "tau", "margin", "reg", "sampling", "knn", "chunk", "knn_stride",
-            "nlist", "nprobe", "ivf_rebuild_every"),
+    "ess": ("embed_dim", "normalize", "normalize_at", "class_update", "proto_momentum", "k", "tau", "margin", "reg",
+            "sampling", "knn", "chunk", "knn_stride", "nlist", "nprobe", "ivf_rebuild_every"),
 }
 
 
@@ -113,6 +128,8 @@ class TrainConfig:
     embed_optimizer: str = option("sgd", "Optimiser of the class embeddings: sgd (published), or adam, whose step "
                                          "does not shrink with a class's share of the pixels.", choices=("sgd", "adam"))
     embed_lr_mult: float = option(1.0, "Class-embedding LR as a multiple of --lr.", low=0, low_open=True)
+    min_lr: float = option(0.0, "Floor of every group's polynomial LR decay (the published code's MultiPolyLR: "
+                                "1e-6).", low=0)
     amp: bool = option(True, "Mixed precision on CUDA (no effect on CPU).")
     sync_bn: bool = option(False, "BatchNorm statistics over the global batch (SyncBatchNorm) under torchrun "
                                   "on CUDA; no effect in one process.")

@@ -1,7 +1,7 @@
 """Evaluate a run on a build directory: streaming confusion matrix, metrics, optional predictions.
 
 Writes into EVAL (default RUN/eval):
-    metrics.json    miou, pixel_acc, mean_acc, fw_iou, num_classes, classes_present, head, run, data
+    metrics.json    miou, pixel_acc, mean_acc, fw_iou, num_classes, classes_present, head, readout, run, data
     per_class.csv   id,name,source,frequency,iou,acc,gt_pixels,gt_images,pred_pixels
     confusion.npz   key "confusion": int64 C x C, rows ground truth, columns prediction
     predictions/    <12-digit id>.png (uint16 class ids) and <12-digit id>_color.png, with --save-predictions
@@ -26,6 +26,7 @@ from segkit.io import InputError, atomic_open, atomic_path, write_json
 from ess.data import EvalSamples
 from ess import distributed
 from ess.metrics import ConfusionMatrix, compute_metrics
+from ess.readout import pixel_mean_readout
 from ess.run import load_run
 from ess.visualize import colorize
 
@@ -86,7 +87,8 @@ def _number(value: float) -> float | None:
 def eval_summary(metrics: dict, head: str, run_dir: Path, data_dir: Path) -> dict:
     """The content of metrics.json."""
     summary = {k: _number(metrics[k]) for k in SUMMARY_KEYS}
-    summary.update(head=head, run=str(Path(run_dir).resolve()), data=str(Path(data_dir).resolve()))
+    summary.update(head=head, readout=metrics.get("readout", "learned"), run=str(Path(run_dir).resolve()),
+                   data=str(Path(data_dir).resolve()))
     return summary
 
 
@@ -110,9 +112,12 @@ def write_eval(out: Path, metrics: dict, classes: list[dict], head: str, run_dir
 
 def evaluate_run(run_dir: str | Path, data: str | Path, images_root: str | Path | None = None,
                  out: str | Path | None = None, save_predictions: bool = False, checkpoint: str = "best",
-                 crop: int | None = None, device: str = "auto", progress: bool = True, workers: int = 0) -> dict:
+                 crop: int | None = None, device: str = "auto", progress: bool = True, workers: int = 0,
+                 readout: str = "learned") -> dict:
     """`ess eval`: load a run, evaluate it on a build directory, write the outputs; returns metrics.json.
 
+    readout "pixel-mean" evaluates the run's ESS network with each class embedding replaced by the mean
+    embedding of its pixels in the run's training data (ess.readout), into RUN/eval-pixel-mean by default.
     Under torchrun the processes share the images; rank 0 writes the outputs.
     """
     with distributed.process_group(device) as dev:
@@ -122,11 +127,16 @@ def evaluate_run(run_dir: str | Path, data: str | Path, images_root: str | Path 
             raise InputError(dataset.root / "classes.json",
                              f"{dataset.num_classes} classes that differ from the run's {len(run.classes)} "
                              f"in {run.dir / 'classes.json'}")
-        out = Path(out) if out is not None else run.dir / "eval"
+        model = run.model
+        if readout == "pixel-mean":
+            training = BuiltDataset(run.config.train.data, run.config.train.images_root)
+            model = pixel_mean_readout(model, training, dev, progress=progress and distributed.is_main())
+        out = Path(out) if out is not None else run.dir / ("eval" if readout == "learned" else f"eval-{readout}")
         crop = crop if crop is not None else run.config.train.crop_val
-        metrics = evaluate_model(run.model, dataset, dev, crop=crop, amp=run.config.train.amp,
+        metrics = evaluate_model(model, dataset, dev, crop=crop, amp=run.config.train.amp,
                                  predictions_dir=out / "predictions" if save_predictions else None,
                                  progress=progress, workers=workers)
+        metrics["readout"] = readout
         if not distributed.is_main():
             return eval_summary(metrics, run.model.args.head, run.dir, dataset.root)
         return write_eval(out, metrics, dataset.classes, run.model.args.head, run.dir, dataset.root)

@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ess import distributed
 from ess.ivf import IvfSearch
 from ess.knn import rows_per_block, search
 from ess.losses import (bilinear_taps, block_negatives, ess_pixel_loss, separation_loss, softmax_loss,
@@ -105,38 +106,51 @@ class SoftmaxHead(nn.Module):
 
 
 class EssHead(nn.Module):
-    """Embedding head: d-channel pixel embeddings and a learned C x d class-embedding matrix.
+    """Embedding head: d-channel pixel embeddings and a C x d class-embedding matrix.
 
     The output holds d channels whatever C is; a pixel's class is its nearest class embedding.
     Every option is required and is the ess.config.ModelArgs field of the same name, validated there
     (its help says what it does); `ess.model.build_head(ModelArgs(head="ess", ...), in_channels)`
-    builds a head from them.
+    builds a head from them. With class_update "gradient" the class embeddings are a parameter the
+    loss trains; with "prototype" they are a buffer that every training loss call moves towards the
+    mean embedding of each class's labelled pixels (`update_prototypes`), with no gradient.
     """
 
-    def __init__(self, in_channels: int, num_classes: int, *, embed_dim: int, normalize: bool, k: int, tau: float,
-                 margin: float, reg: bool, sampling: str, knn: str, chunk: int, knn_stride: int,
-                 nlist: int | None, nprobe: int | None, ivf_rebuild_every: int):
+    def __init__(self, in_channels: int, num_classes: int, *, embed_dim: int, normalize: bool, normalize_at: str,
+                 class_update: str, proto_momentum: float, k: int, tau: float, margin: float, reg: bool,
+                 sampling: str, knn: str, chunk: int, knn_stride: int, nlist: int | None, nprobe: int | None,
+                 ivf_rebuild_every: int):
         super().__init__()
         self.num_classes = num_classes
-        self.normalize = normalize
+        self.normalize, self.normalize_at = normalize, normalize_at
         self.k, self.tau, self.margin = k, tau, margin
         self.knn, self.sampling, self.reg, self.chunk, self.knn_stride = knn, sampling, reg, chunk, knn_stride
         # The index is search state, not a parameter: rebuilt from the embeddings, never checkpointed.
         self.ivf = IvfSearch(nlist, nprobe, ivf_rebuild_every, chunk) if knn == "ivf" else None
         self.projection = nn.Conv2d(in_channels, embed_dim, kernel_size=1)
-        self.embeddings = nn.Parameter(torch.empty(num_classes, embed_dim).uniform_(-1.0, 1.0))
+        start = torch.empty(num_classes, embed_dim).uniform_(-1.0, 1.0)
+        self.proto_momentum = proto_momentum if class_update == "prototype" else None
+        if self.proto_momentum is None:
+            self.embeddings = nn.Parameter(start)
+        else:
+            self.register_buffer("embeddings", start)
+            self.register_buffer("proto_batches", torch.zeros(num_classes, dtype=torch.int64))  # batches seen per class
 
     def forward(self, features: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         # Channels-last, as in SoftmaxHead: a pixel's d values side by side, so the normalisation, the
         # loss's gather of the labelled pixels and the prediction read them in place.
         low = self.projection(features).contiguous(memory_format=torch.channels_last)
+        if self.normalize and self.normalize_at == "decoder":  # unit length at decoder resolution, then upsampled
+            low = F.normalize(low.float(), dim=1)
         emb = F.interpolate(low, size=size, mode="bilinear", align_corners=False).float()
-        return F.normalize(emb, dim=1) if self.normalize else emb
+        return F.normalize(emb, dim=1) if self.normalize and self.normalize_at == "output" else emb
 
     def class_embeddings(self) -> torch.Tensor:
         """(C, d) class embeddings as compared with pixels: L2-normalised when the run normalises."""
         emb = self.embeddings.float()
-        return F.normalize(emb, dim=1) if self.normalize else emb
+        if self.normalize:
+            return F.normalize(emb, dim=1)
+        return emb if self.proto_momentum is None else emb.clone()  # update_prototypes changes the buffer in place
 
     def loss(self, output: torch.Tensor, mask: torch.Tensor, normalizer: float | None = None) -> torch.Tensor:
         labelled = mask > 0
@@ -152,9 +166,33 @@ class EssHead(nn.Module):
         loss = ess_pixel_loss(pixels, target, classes, k=self.k, tau=self.tau, sampling=self.sampling,
                               knn=self.knn, chunk=self.chunk, ivf=self.ivf, negatives=negatives)
         loss = renormalized(loss, mask, normalizer)
-        if self.reg:
+        if self.proto_momentum is not None:
+            if self.training:
+                self.update_prototypes(pixels.detach(), target)
+        elif self.reg:  # prototypes take no gradient: the regulariser would have nothing to move
             loss = loss + separation_loss(classes, self.margin, self.knn, self.chunk, self.ivf)
         return loss
+
+    @torch.no_grad()
+    def update_prototypes(self, pixels: torch.Tensor, target: torch.Tensor) -> None:
+        """Move each class embedding towards the mean of this batch's (P, d) labelled pixel embeddings of it.
+
+        A class seen in its n-th batch takes momentum min(proto_momentum, 1 - 1/n): its embedding is the
+        plain mean of its batch means until it has been seen in 1 / (1 - proto_momentum) batches, then an
+        exponential moving average (ProtoSeg's prototype update, which starts from random prototypes
+        instead). One scatter-add per class, memory O(C d); under torchrun the sums and counts are those
+        of the global batch, so every process keeps the same embeddings.
+        """
+        pixels = F.normalize(pixels.float(), dim=1) if self.normalize else pixels.float()
+        sums = torch.zeros_like(self.embeddings, dtype=torch.float32).index_add_(0, target, pixels)
+        counts = torch.bincount(target, minlength=self.num_classes).to(sums.dtype)
+        sums, counts = distributed.all_reduce_sum(sums), distributed.all_reduce_sum(counts)
+        seen = counts > 0
+        self.proto_batches += seen
+        momentum = torch.clamp(1 - 1 / self.proto_batches[seen].to(sums.dtype), max=self.proto_momentum)[:, None]
+        mean = sums[seen] / counts[seen, None]
+        updated = momentum * self.embeddings[seen].float() + (1 - momentum) * mean
+        self.embeddings[seen] = (F.normalize(updated, dim=1) if self.normalize else updated).to(self.embeddings.dtype)
 
     @torch.no_grad()
     def predict(self, output: torch.Tensor) -> torch.Tensor:

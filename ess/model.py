@@ -68,7 +68,8 @@ class Segmenter(nn.Module):
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         """The parameters by optimiser group: encoder, decoder (with the head's layers), class_embeddings."""
-        embeddings = [self.head.embeddings] if isinstance(self.head, EssHead) else []
+        learned = isinstance(self.head, EssHead) and isinstance(self.head.embeddings, nn.Parameter)
+        embeddings = [self.head.embeddings] if learned else []
         taken = {id(p) for p in embeddings} | {id(p) for p in self.encoder.parameters()}
         groups = {"encoder": list(self.encoder.parameters()),
                   "decoder": [p for p in self.parameters() if id(p) not in taken]}

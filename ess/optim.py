@@ -3,7 +3,8 @@
 The network (encoder, decoder with the head's layers) trains with SGD. The class
 embeddings train with SGD too, or with Adam (`embed_optimizer: adam`): a class embedding's
 SGD step is proportional to its share of the labelled pixels, so rare classes barely move
-from their random start; Adam's step is about the LR whatever the gradient's size.
+from their random start; Adam's step is about the LR whatever the gradient's size. Prototype
+class embeddings (`class_update: prototype`) are no parameter and have no group.
 """
 from __future__ import annotations
 
@@ -61,8 +62,8 @@ def make_optimizer(model: Segmenter, train: TrainConfig) -> torch.optim.Optimize
     return torch.optim.SGD(network_groups + embed, lr=train.lr)
 
 
-def set_lr(optimizer: torch.optim.Optimizer | Optimizers, iteration: int, total: int) -> float:
-    """Polynomial decay lr = base * (1 - i/total)^power per group; returns the decoder's LR."""
+def set_lr(optimizer: torch.optim.Optimizer | Optimizers, iteration: int, total: int, min_lr: float) -> float:
+    """Polynomial decay lr = max(base * (1 - i/total)^power, min_lr) per group; returns the decoder's LR."""
     for g in optimizer.param_groups:
-        g["lr"] = g["base_lr"] * (1 - iteration / total) ** g["power"]
+        g["lr"] = max(g["base_lr"] * (1 - iteration / total) ** g["power"], min_lr)
     return next(g["lr"] for g in optimizer.param_groups if g["name"] == "decoder")

@@ -235,7 +235,7 @@ def _train(config: Config, out: Path, device: torch.device, resume: bool, stop_a
     tick = time.perf_counter()
     try:
         for iteration, (images, masks) in zip(range(start, stop), loader):
-            lr = set_lr(optimizer, iteration, total)
+            lr = set_lr(optimizer, iteration, total, settings.min_lr)
             torch.manual_seed(step_seed(settings.seed, iteration, distributed.rank()))
             images = images.to(device, non_blocking=True)
             masks = masks.to(device, non_blocking=True)

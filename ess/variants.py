@@ -1,15 +1,21 @@
 """The named variants: a head and the model options it changes, with how tables and figures show it.
 
 One registry for `bench study` (which variants it trains by default), `bench timing` (which it
-times by default) and `python -m benchmarks.loss_step` (its rows). A variant changes only
-ess.config.ModelArgs fields; everything else comes from the run's configuration (a preset,
-a YAML file, flags), so a study's variants share data, iterations, seed and schedule. Imports no torch.
+times by default) and `python -m benchmarks.loss_step` (its rows). A variant changes ess.config.ModelArgs
+fields and, for the published code's optimiser, how the class embeddings are trained (CLASS_SIDE);
+everything else comes from the run's configuration (a preset, a YAML file, flags), so a study's
+variants share data, iterations, seed, batch and the network's schedule. Imports no torch.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ess.config import ModelArgs
 from segkit.errors import InputError
+
+# The training settings a variant may change: the class embeddings' optimiser, and min_lr, the published
+# code's floor of 1e-6 under every group's LR (it binds only in the last 0.002% of a schedule from LR 0.02).
+CLASS_SIDE = ("embed_optimizer", "embed_momentum", "embed_weight_decay", "embed_poly_power", "embed_lr_mult", "min_lr")
 
 
 @dataclass(frozen=True)
@@ -22,12 +28,22 @@ class Variant:
     timing: bool = False  # timed by `bench timing` unless --heads says otherwise
     speed: bool = False  # a speed set-up: a row of the loss-step benchmark
 
+    @property
+    def model_options(self) -> dict:
+        """The options that are ModelArgs fields: what a speed measurement builds."""
+        return {k: v for k, v in self.options.items() if k in ModelArgs.__dataclass_fields__}
+
 
 VARIANTS = {v.name: v for v in (
     Variant("softmax", {"head": "softmax"}, "softmax", "#d62728", study=True, timing=True, speed=True),
     Variant("softmax-chunked", {"head": "softmax", "softmax_impl": "chunked"}, "softmax (chunked loss)", "#ff7f0e",
             timing=True, speed=True),
     Variant("ess", {"head": "ess"}, "ESS", "#1f77b4", study=True, timing=True, speed=True),
+    Variant("ess-published", {"head": "ess", "normalize_at": "decoder", "embed_optimizer": "sgd", "embed_momentum": 0.9,
+                              "embed_weight_decay": 1e-4, "embed_poly_power": 0.95, "embed_lr_mult": 1.0,
+                              "min_lr": 1e-6}, "ESS, published code's choices", "#393b79", study=True),
+    Variant("ess-proto", {"head": "ess", "class_update": "prototype"}, "ESS, prototype class embeddings", "#e7969c",
+            study=True),
     Variant("ess-random", {"head": "ess", "sampling": "random"}, "ESS, random negatives", "#8c564b", study=True),
     Variant("ess-no-norm", {"head": "ess", "normalize": False}, "ESS, no normalisation", "#e377c2", study=True),
     Variant("ess-no-reg", {"head": "ess", "reg": False}, "ESS, no regulariser", "#7f7f7f", study=True),

@@ -44,18 +44,19 @@ def test_study_interrupted_then_resumed(built_train, built_val, tmp_path, monkey
     monkeypatch.setattr(ess.train, "train", interrupted)
     first = CliRunner().invoke(main, study_args(built_train, built_val, out, config))
     assert first.exit_code == 130, first.output
-    runs = out / "runs"
+    runs = out / "runs" / f"iters{ITERS}" / "seed0"
     assert (runs / "softmax" / "eval" / "metrics.json").exists()
     assert (runs / "ess" / "last.pt").exists() and not (runs / "ess" / "eval").exists()
-    assert not (out / "study.csv").exists()
+    assert not (out / "budget.csv").exists()
     finished = {p: p.stat().st_mtime_ns for p in (runs / "softmax").rglob("*") if p.is_file()}
 
     # Without --resume the study refuses to overwrite; with other settings it refuses to mix them.
     again = CliRunner().invoke(main, study_args(built_train, built_val, out, config))
     assert again.exit_code == 1 and "pass --resume" in again.output and len(again.output.strip().splitlines()) == 1
-    longer = CliRunner().invoke(main, study_args(built_train, built_val, out, config, "--resume")[:-1]
-                                + ["--iters", "6", "--resume"])
-    assert longer.exit_code == 1 and "config.yaml: this run was started with other settings (iters: 4 -> 6" in longer.output
+    other = tmp_path / "other.yaml"
+    other.write_text(yaml.safe_dump({**TINY, "lr": 0.5}))
+    mixed = CliRunner().invoke(main, study_args(built_train, built_val, out, other, "--resume"))
+    assert mixed.exit_code == 1 and "study.yaml: this study was started with other settings (lr: 0.02 -> 0.5" in mixed.output
 
     calls.clear()
     monkeypatch.setattr(ess.train, "train", lambda cfg, run, **kw: calls.append((Path(run).name, kw["resume"]))
@@ -66,11 +67,16 @@ def test_study_interrupted_then_resumed(built_train, built_val, tmp_path, monkey
     assert {p: p.stat().st_mtime_ns for p in finished} == finished
     log = pd.read_csv(runs / "ess" / "log.csv")
     assert log["iteration"].tolist() == list(range(1, ITERS + 1))
+    assert (runs / "ess" / "eval-pixel-mean" / "metrics.json").exists()
+    assert not (runs / "softmax" / "eval-pixel-mean").exists()
 
-    study = pd.read_csv(out / "study.csv")
+    study = pd.read_csv(out / f"iters{ITERS}" / "study.csv")
     assert list(study.columns) == list(STUDY_COLUMNS)
     assert study["variant"].tolist() == ["softmax", "ess"] and study["head"].tolist() == ["softmax", "ess"]
-    assert (study["iters"] == ITERS).all() and (study["train_seconds"] > 0).all()
+    assert (study["iters"] == ITERS).all() and (study["train_seconds"] > 0).all() and (study["seed"] == 0).all()
+    proto = json.loads((runs / "ess" / "eval-pixel-mean" / "metrics.json").read_text())
+    assert study["miou_proto_readout"].iloc[1] == pytest.approx(proto["miou"])
+    assert np.isnan(study["miou_proto_readout"].iloc[0])
     stats = pd.read_csv(built_train / "stats.csv").set_index("id")
     top = stats.sort_values(["pixels", "images"], ascending=False, kind="stable").index[:50]
     for row in study.itertuples():
@@ -90,26 +96,51 @@ def test_study_interrupted_then_resumed(built_train, built_val, tmp_path, monkey
         config_saved = yaml.safe_load((runs / row.variant / "config.yaml").read_text())
         assert config_saved["iters"] == ITERS and config_saved["crop"] == TINY["crop"]
 
-    curve = pd.read_csv(out / "learning_curve.csv")
+    curve = pd.read_csv(out / f"iters{ITERS}" / "learning_curve.csv")
     assert sorted(zip(curve["variant"], curve["iteration"])) == sorted(
         (v, i) for v in ("softmax", "ess") for i in range(TINY["val_every"], ITERS + 1, TINY["val_every"]))
-    topn = pd.read_csv(out / "topn_miou.csv")
+    topn = pd.read_csv(out / f"iters{ITERS}" / "topn_miou.csv")
     for row in study.itertuples():
         assert topn[f"miou_{row.variant}"].iloc[-1] == pytest.approx(row.miou)
+    budget = pd.read_csv(out / "budget.csv")
+    assert budget["ratio_miou"].tolist() == pytest.approx([1.0, study["miou"].iloc[1] / study["miou"].iloc[0]])
     summary = (out / "study.md").read_text()
-    assert "| variant |" in summary and summary.count("reproduced**") + summary.count("not measure") == 5
-    assert summary.strip() in resumed.output
-    for name in ("topn_miou.png", "learning_curve.png"):
+    assert "| variant | iters | seeds |" in summary and summary.count("reproduced**") + summary.count("not measure") == 5
+    assert summary.strip() in resumed.output and "softmax's mIoU" in summary
+    per_budget = (out / f"iters{ITERS}" / "study.md").read_text()
+    assert "| variant | seed |" in per_budget
+    for name in ("budget.png", f"iters{ITERS}/topn_miou.png", f"iters{ITERS}/learning_curve.png"):
         assert_png(out / name)
 
 
-def test_variants_change_only_model_options():
+def test_a_second_budget_and_seed_extend_the_study(built_train, built_val, tmp_path):
+    """A study extended with --resume: the report covers every evaluated cell in OUT."""
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump({**TINY, "val_every": 0}))
+    out = tmp_path / "study"
+    args = ["study", "--data", str(built_train), "--val-data", str(built_val), "--out", str(out), "--variants",
+            "softmax,ess", "--config", str(config), "--quiet"]
+    assert CliRunner().invoke(main, [*args, "--iters", "2"]).exit_code == 0
+    extended = CliRunner().invoke(main, [*args, "--iters", "3", "--seeds", "0,1", "--resume"])
+    assert extended.exit_code == 0, extended.output
+    budget = pd.read_csv(out / "budget.csv")
+    assert list(zip(budget["iters"], budget["seed"], budget["variant"])) == [
+        (2, 0, "softmax"), (2, 0, "ess"), (3, 0, "softmax"), (3, 0, "ess"), (3, 1, "softmax"), (3, 1, "ess")]
+    summary = (out / "study.md").read_text()
+    assert "## Seeds at 3 iterations" in summary and "seed 1" in summary
+    assert pd.read_csv(out / "iters3" / "study.csv")["seed"].tolist() == [0, 0, 1, 1]
+
+
+def test_variants_change_only_model_options_and_the_class_side():
+    from ess import config as cfg
     from ess.config import ModelArgs
+    from ess.variants import CLASS_SIDE
 
     for name, variant in VARIANTS.items():
         assert variant.name == name and variant.options["head"] in ("softmax", "ess")
-        ModelArgs(**variant.options)  # valid model options, never the schedule or data
-    assert default("study")[:7] == ["softmax", "ess", "ess-random", "ess-no-norm", "ess-no-reg", "softmax-gn", "ess-gn"]
+        assert set(variant.options) <= set(ModelArgs.__dataclass_fields__) | set(CLASS_SIDE), name  # never data or budget
+        cfg.Config().updated(variant.options, name)  # valid values
+    assert default("study")[:4] == ["softmax", "ess", "ess-published", "ess-proto"]
 
 
 def test_bad_variant_is_one_line(built_train, built_val, tmp_path):
@@ -118,6 +149,26 @@ def test_bad_variant_is_one_line(built_train, built_val, tmp_path):
     assert result.exit_code == 1
     assert result.output.startswith("Error: --variants: unknown variant 'ess-fast'; known: softmax, ")
     assert not (tmp_path / "s").exists()
+
+
+def test_claims_with_seeds_that_disagree_are_within_noise():
+    table = pd.DataFrame({"variant": ["softmax", "ess"] * 2, "seed": [0, 0, 1, 1], "miou": [0.10, 0.12, 0.10, 0.08],
+                          "miou_tail": [0.01, 0.02, 0.01, 0.02]})
+    first, second = claims(table)[:2]
+    assert first["verdict"] == "within noise" and "seed 0: ess 0.12 vs softmax 0.1" in first["numbers"]
+    assert second["verdict"] == "reproduced"
+
+
+def test_catch_up_lines():
+    from bench.study import budget_table, catch_up
+
+    rows = pd.DataFrame({"variant": ["softmax", "ess", "ess-proto"] * 2, "iters": [300] * 3 + [3000] * 3,
+                         "seed": 0, "miou": [0.1, 0.05, 0.08, 0.2, 0.1, 0.25], "miou_top50": 0.1, "miou_tail": 0.0,
+                         "miou_proto_readout": np.nan, "pixel_acc": 0.5})
+    lines, headline = catch_up(budget_table(rows))
+    assert lines == ["- `ess` does not reach softmax's mIoU by 3000 iterations (0.50x at 300 -> 0.50x at 3000)",
+                     "- `ess-proto` reaches softmax's mIoU at 3000 iterations (0.80x at 300 -> 1.25x at 3000)"]
+    assert headline == "Reaching softmax: `ess-proto` reaches softmax's mIoU at 3000 iterations."
 
 
 def test_claims_verdicts():

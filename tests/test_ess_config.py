@@ -27,7 +27,9 @@ def test_presets_are_valid():
     assert {"tiny", "paper"} <= set(cfg.presets())
     paper = cfg.resolve("paper")
     assert (paper.model.encoder, paper.train.batch, paper.train.crop, paper.model.output_stride) == ("resnet50", 16, 512, 16)
-    assert paper.model.aspp_rates == (6, 12, 18) and paper.model.pretrained and paper.train.iters == 90000
+    assert paper.model.aspp_rates == (6, 12, 18) and paper.model.pretrained and paper.train.iters == 200000
+    assert (paper.model.normalize_at, paper.train.embed_momentum, paper.train.embed_weight_decay, paper.train.min_lr) == (
+        "decoder", 0.9, 1e-4, 1e-6)
 
 
 def test_presets_inherit_with_base(tmp_path):

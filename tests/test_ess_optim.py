@@ -29,7 +29,7 @@ def test_adam_for_the_class_embeddings_only():
     assert [g["name"] for g in optimizer.param_groups] == ["encoder", "decoder", "class_embeddings"]
     kinds = {g["name"]: type(o).__name__ for o in optimizer.optimizers for g in o.param_groups}
     assert kinds == {"encoder": "SGD", "decoder": "SGD", "class_embeddings": "Adam"}
-    assert set_lr(optimizer, 0, 100) == pytest.approx(0.01)
+    assert set_lr(optimizer, 0, 100, 0.0) == pytest.approx(0.01)
     # A class with a 1000x smaller gradient takes the same first step: Adam's step is the LR.
     before = model.head.embeddings.detach().clone()
     model.head.embeddings.grad = torch.zeros_like(before)
