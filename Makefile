@@ -21,30 +21,42 @@ $(VENV)/.installed: pyproject.toml Makefile
 	touch $@
 
 # The whole pipeline on the embedded synthetic data: synth, build train and val, train and
-# evaluate both heads (tiny preset), then the four analyses; it closes with which head won, by
-# how much and on which classes (`bench compare`). Re-running resumes the builds.
+# evaluate both heads (tiny preset), then the analyses; it closes with which head won, by how much
+# and on which classes (`bench compare`), and the time each step took. Re-running resumes the builds.
+# $(call step,NAME,COMMAND): run COMMAND and record its wall time under NAME in $(DEMO)/steps.tsv.
+step = start=$$(date +%s); $(2) || exit 1; printf '%s\t%s\n' "$(1)" "$$(( $$(date +%s) - start ))" >> $(DEMO)/steps.tsv
+SYNTH := $(DEMO)/synth/annotations
+# The timing table at three class counts (a call's arguments cannot hold a comma, a variable's value can).
+DEMO_TIMING := --preset cpu --classes 19,1284,10000 --heads softmax,ess --repeats 3 --warmup 1
+
 demo: setup
-	$(BIN)/cocolvis synth --out $(DEMO)/synth
-	$(BIN)/cocolvis build --lvis $(DEMO)/synth/annotations/lvis_v1_train.json \
-	    --coco $(DEMO)/synth/annotations/stuff_train2017.json \
-	    --images-root $(DEMO)/synth/images --out $(DEMO)/train
-	$(BIN)/cocolvis build --lvis $(DEMO)/synth/annotations/lvis_v1_val.json \
-	    --coco $(DEMO)/synth/annotations/stuff_train2017.json \
-	    --coco $(DEMO)/synth/annotations/stuff_val2017.json \
-	    --images-root $(DEMO)/synth/images --out $(DEMO)/val
-	for head in softmax ess; do \
-	    rm -rf $(DEMO)/runs/$$head && \
-	    $(BIN)/ess train --preset tiny --head $$head --data $(DEMO)/train --out $(DEMO)/runs/$$head && \
-	    $(BIN)/ess eval --run $(DEMO)/runs/$$head --data $(DEMO)/val --save-predictions || exit 1; \
+	@mkdir -p $(DEMO) && rm -f $(DEMO)/steps.tsv
+	@$(call step,synthetic data,$(BIN)/cocolvis synth --out $(DEMO)/synth)
+	@$(call step,build train,$(BIN)/cocolvis build --lvis $(SYNTH)/lvis_v1_train.json \
+	    --coco $(SYNTH)/stuff_train2017.json --images-root $(DEMO)/synth/images --out $(DEMO)/train)
+	@$(call step,build val,$(BIN)/cocolvis build --lvis $(SYNTH)/lvis_v1_val.json \
+	    --coco $(SYNTH)/stuff_train2017.json --coco $(SYNTH)/stuff_val2017.json \
+	    --images-root $(DEMO)/synth/images --out $(DEMO)/val)
+	@for head in softmax ess; do \
+	    rm -rf $(DEMO)/runs/$$head; \
+	    $(call step,train $$head,$(BIN)/ess train --preset tiny --head $$head --data $(DEMO)/train \
+	        --out $(DEMO)/runs/$$head); \
+	    $(call step,evaluate $$head,$(BIN)/ess eval --run $(DEMO)/runs/$$head --data $(DEMO)/val --save-predictions); \
 	done
-	$(BIN)/bench longtail --data $(DEMO)/train --out $(DEMO)/bench/longtail
-	$(BIN)/bench topn-miou --eval $(DEMO)/runs/softmax/eval --eval $(DEMO)/runs/ess/eval --out $(DEMO)/bench/topn
-	$(BIN)/bench timing --preset cpu --heads softmax,ess --repeats 3 --warmup 1 --out $(DEMO)/bench/timing
-	$(BIN)/bench embeddings --run $(DEMO)/runs/ess --data $(DEMO)/val --out $(DEMO)/bench/embeddings
+	@$(call step,bench longtail,$(BIN)/bench longtail --data $(DEMO)/train --out $(DEMO)/bench/longtail)
+	@$(call step,bench topn-miou,$(BIN)/bench topn-miou --eval $(DEMO)/runs/softmax/eval \
+	    --eval $(DEMO)/runs/ess/eval --out $(DEMO)/bench/topn)
+	@$(call step,bench timing,$(BIN)/bench timing $(DEMO_TIMING) --out $(DEMO)/bench/timing)
+	@$(call step,bench embeddings,$(BIN)/bench embeddings --run $(DEMO)/runs/ess --data $(DEMO)/val \
+	    --out $(DEMO)/bench/embeddings)
 	@echo "Figures:"; for f in $(DEMO)/bench/*/*.png; do echo "  $$f"; done
 	@echo "Notebook: BENCH_DIR=$(DEMO)/bench jupyter notebook notebooks/analysis.ipynb"
 	@echo
-	$(BIN)/bench compare --eval $(DEMO)/runs/softmax/eval --eval $(DEMO)/runs/ess/eval --out $(DEMO)/bench/compare
+	@$(call step,bench compare,$(BIN)/bench compare --eval $(DEMO)/runs/softmax/eval \
+	    --eval $(DEMO)/runs/ess/eval --out $(DEMO)/bench/compare)
+	@echo; echo "Time per step (seconds):"; \
+	    awk -F'\t' '{printf "  %-18s %5d\n", $$1, $$2; total += $$2} END {printf "  %-18s %5d\n", "total", total}' \
+	    $(DEMO)/steps.tsv
 
 test: setup
 	$(BIN)/python -m pytest

@@ -165,8 +165,7 @@ def run_cell(cell: Cell, config, run: Path, progress: bool = True) -> None:
                          progress=progress, readout=readout)
 
 
-def run_cells(cells: list[Cell], base, out: Path, resume: bool = False, progress: bool = True,
-              echo: bool = True) -> None:
+def run_cells(cells: list[Cell], base, out: Path, progress: bool = True, echo: bool = True) -> None:
     """Every cell into its run directory, smallest budget first."""
     for i, cell in enumerate(cells, 1):
         run, config = cell.run(out), cell_config(base, cell)
@@ -491,5 +490,5 @@ def run_study(data: str | Path, val_data: str | Path, out: str | Path, variants:
         cell_config(base, cell)  # every cell's settings checked before any training
     stats = read_class_stats(data)  # a bad stats.csv stops the study before any training
     claim_out(out, base, resume)
-    run_cells(cells, base, out, resume=resume, progress=progress, echo=echo)
+    run_cells(cells, base, out, progress=progress, echo=echo)
     return report_study(out, data, val_data, stats, base, echo=echo)
