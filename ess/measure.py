@@ -17,6 +17,8 @@ from typing import Callable
 
 import torch
 
+from segkit.memory import available_bytes  # noqa: F401  (re-exported: the benchmarks' memory ceiling)
+
 
 def _status_kb(field: str) -> int | None:
     try:
@@ -41,15 +43,6 @@ def max_rss_bytes() -> int:
     """getrusage's peak resident set since the process started, in bytes."""
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss if sys.platform == "darwin" else rss * 1024  # bytes on macOS, KiB on Linux
-
-
-def available_bytes() -> int:
-    """Memory the system can still hand out (MemAvailable); 8 GB where unknown."""
-    try:
-        with open("/proc/meminfo") as f:
-            return int(re.search(r"^MemAvailable:\s+(\d+) kB", f.read(), re.M).group(1)) * 1024
-    except (OSError, AttributeError):
-        return 8 << 30
 
 
 def synchronize(device: torch.device | str) -> None:
