@@ -19,7 +19,7 @@ from typing import Iterator
 from cocolvis.dataset import FORMAT, OUTPUT_FILES
 from cocolvis.journal import JOURNAL, journal_fingerprint
 from segkit.io import InputError, read_json, remove_stale_temporaries
-from segkit.outdir import check_out_path, claim_output, contents  # noqa: F401  (check_out_path: the build's)
+from segkit.outdir import claim_output, contents
 
 COMMAND = "cocolvis build"
 BUILD_FILES = (*OUTPUT_FILES, JOURNAL, "masks")

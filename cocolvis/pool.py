@@ -2,9 +2,10 @@
 
 Workers are forked before the annotation files are read, so they share none of the
 parent's copy of a 1 GB file and peak memory does not grow with the worker count; each
-receives a few images' annotations at a time. Workers ignore Ctrl-C, SIGTERM and SIGHUP:
-the parent stops handing out work, lets the images in flight finish, and the build can be
-resumed. A worker dies with its parent however the parent ends, SIGKILL included
+receives a few images' annotations at a time. Workers ignore Ctrl-C and SIGHUP: the parent
+stops handing out work, lets the images in flight finish, and the build can be resumed (a
+SIGTERM of the parent alone does the same; one sent to the whole process group ends the
+workers at once). A worker dies with its parent however the parent ends, SIGKILL included
 (`segkit.signals.die_with_parent`), so none is left holding the parent's pipes open.
 """
 from __future__ import annotations

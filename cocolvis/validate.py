@@ -7,8 +7,8 @@ here returns None for a good value or a short phrase saying what is wrong, for t
 caller to name the file and the annotation.
 
 The limits:
-  * image sides 1..MAX_SIDE pixels and at most MAX_PIXELS pixels per image (a worker
-    holds a few arrays of that size: about 10 bytes a pixel);
+  * image sides 1..MAX_SIDE pixels and at most MAX_PIXELS pixels per image (segkit.images'
+    limits: a worker holds a few arrays of that size, about 10 bytes a pixel);
   * polygon coordinates finite numbers within POLYGON_MARGIN pixels of the image (real
     annotations reach a pixel or two past the border), at least 3 points, and a
     rasterized outline of at most MAX_OUTLINE pixels (what pycocotools allocates);
@@ -30,7 +30,7 @@ from array import array
 
 import numpy as np
 
-from segkit.images import MAX_PIXELS, MAX_SIDE, size_problem  # noqa: F401  (the image limits, one home)
+from segkit.images import size_problem
 
 POLYGON_MARGIN = 1000.0
 """How far past the image border (in pixels) a polygon vertex may lie."""

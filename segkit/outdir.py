@@ -177,7 +177,8 @@ def _remove_written(claim: Claim, owns: Callable[[str], bool]) -> None:
 
 @contextlib.contextmanager
 def claim_output(out: str | os.PathLike, command: str, owns: Callable[[str], bool], *,
-                 inputs: Iterable[str | os.PathLike | None] = (), keep: Callable[[BaseException], bool] = lambda e: False,
+                 inputs: Iterable[str | os.PathLike | None] = (),
+                 keep: Callable[[BaseException], bool] = lambda e: False,
                  recognise: Callable[[Path], bool] | None = None, mark: bool = True) -> Iterator[Claim]:
     """Hold `out` for one run of `command` (the rules in the module docstring); yields the `Claim`.
 

@@ -7,10 +7,13 @@ too; the command exits with 128 + the signal number (130 Ctrl-C, 143 SIGTERM, 12
 Inside `deferred()` the signals are only recorded, for a loop to stop at a point of its
 choosing (training stops at an iteration's end); a second signal raises at once.
 
-Worker processes call `ignore_stop_signals()` (their parent decides when to stop) and
-`die_with_parent()`, so none outlives a parent that was killed outright (SIGKILL, the
-out-of-memory killer) and keeps its pipes open: on Linux through prctl(PR_SET_PDEATHSIG),
-elsewhere through a thread that watches the parent's pid.
+Worker processes call `ignore_stop_signals()`: Ctrl-C and a hang-up reach a terminal's whole
+process group, and the parent decides when to stop. They keep SIGTERM's default, since their
+pools (multiprocessing, concurrent.futures, torch's DataLoader) end a stuck worker with it; a
+SIGTERM sent to the whole group (as SLURM sends it) ends them at once while their parent stops
+as it does on its own SIGTERM. Pool workers also call `die_with_parent()`, so none outlives a
+parent that was killed outright (SIGKILL, the out-of-memory killer) and keeps its pipes open:
+on Linux through prctl(PR_SET_PDEATHSIG), elsewhere through a thread that watches the parent's pid.
 """
 from __future__ import annotations
 
@@ -80,11 +83,23 @@ def stop_on_signals() -> contextlib.AbstractContextManager:
 
 
 class Deferred:
-    """Stop signals recorded, not raised (see `deferred`): `signum` is the first one, None before any."""
+    """Stop signals recorded, not raised, between `install()` and `restore()` (or inside `deferred()`):
+    `signum` is the first one, None before any."""
 
     def __init__(self):
         self.signum: int | None = None
         self._immediate = False
+        self._previous: dict = {}
+
+    def install(self) -> Deferred:
+        if _in_main_thread():
+            self._previous = {s: signal.signal(s, self._handle) for s in STOP_SIGNALS}
+        return self
+
+    def restore(self) -> None:
+        for s, h in self._previous.items():
+            signal.signal(s, h)
+        self._previous = {}
 
     def _handle(self, signum: int, frame) -> None:
         if self._immediate or self.signum is not None:
@@ -110,16 +125,19 @@ class Deferred:
 @contextlib.contextmanager
 def deferred() -> Iterator[Deferred]:
     """Record the first stop signal in the yielded `Deferred` instead of raising it; a second raises."""
-    state = Deferred()
-    with _handlers(state._handle):
+    state = Deferred().install()
+    try:
         yield state
+    finally:
+        state.restore()
 
 
 def ignore_stop_signals(*_: object) -> None:
-    """For a worker process: Ctrl-C, SIGTERM and SIGHUP are its parent's to act on (any arguments are ignored:
-    it serves as a DataLoader's `worker_init_fn` too)."""
-    for s in STOP_SIGNALS:
+    """For a worker process: Ctrl-C and SIGHUP are its parent's to act on; SIGTERM ends it (any arguments are
+    ignored: it serves as a DataLoader's `worker_init_fn` too)."""
+    for s in (signal.SIGINT, signal.SIGHUP):
         signal.signal(s, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _watch(parent: int) -> None:
