@@ -14,7 +14,9 @@ from __future__ import annotations
 import contextlib
 import os
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
+
+import torch
 
 from ess import distributed
 from ess.config import TrainConfig
@@ -25,18 +27,30 @@ RUN_FILES = ("config.yaml", "classes.json", "log.csv", "val.csv", "tb", "last.pt
 EVAL_FILES = ("metrics.json", "per_class.csv", "confusion.npz", "predictions")
 
 
-def _on_main(out: Path, command: str, owns, **rules) -> contextlib.AbstractContextManager:
-    """claim_output on the process that writes (rank 0 under torchrun); nothing on the others."""
-    if not distributed.is_main():
-        return contextlib.nullcontext()
-    return claim_output(out, command, owns, **rules)
+@contextlib.contextmanager
+def _on_main(out: Path, command: str, owns, **rules) -> Iterator[None]:
+    """claim_output on the process that writes (rank 0 under torchrun); the other ranks wait for its outcome,
+    so none of them starts (or writes predictions) when the claim is refused."""
+    with contextlib.ExitStack() as stack:
+        refused = None
+        if distributed.is_main():
+            try:
+                stack.enter_context(claim_output(out, command, owns, **rules))
+            except InputError as e:
+                refused = e
+        failed = distributed.all_reduce_sum(torch.tensor([float(refused is not None)]))  # as is in one process
+        if refused is not None:
+            raise refused
+        if failed.item():
+            raise InputError(out, "refused by rank 0 (see its message)")
+        yield
 
 
 def _is_run(path: Path) -> bool:
     return all((path / name).is_file() for name in ("config.yaml", "classes.json", "last.pt"))
 
 
-def claim_run(out: Path, train: TrainConfig) -> contextlib.AbstractContextManager:
+def claim_run(out: Path, train: TrainConfig) -> contextlib.AbstractContextManager[None]:
     """RUN for `ess train`: a failure keeps what was written once a checkpoint exists (--resume continues it)."""
     return _on_main(out, "ess train", RUN_FILES.__contains__, inputs=(train.data, train.val_data),
                     keep=lambda e: (out / "last.pt").exists(), recognise=_is_run)
@@ -50,7 +64,7 @@ def _is_eval(path: Path) -> bool:
     return isinstance(metrics, dict) and {"miou", "head", "run"} <= set(metrics)
 
 
-def claim_eval(out: Path, data: Path) -> contextlib.AbstractContextManager:
+def claim_eval(out: Path, data: Path) -> contextlib.AbstractContextManager[None]:
     """EVAL for `ess eval` of the build `data`."""
     return _on_main(out, "ess eval", EVAL_FILES.__contains__, inputs=(data,), recognise=_is_eval)
 
@@ -60,7 +74,7 @@ def prediction_names(image: Path) -> tuple[str, str]:
     return f"{image.stem}.png", f"{image.stem}_overlay.png"
 
 
-def claim_predictions(out: Path, images: Iterable[Path]) -> contextlib.AbstractContextManager:
+def claim_predictions(out: Path, images: Iterable[Path]) -> contextlib.AbstractContextManager[None]:
     """DIR for `ess predict`; refused where an output would replace one of the input images."""
     images = list(images)
     names = {name for image in images for name in prediction_names(image)}
