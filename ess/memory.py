@@ -86,7 +86,7 @@ def training_parts(args: ModelArgs, train: TrainConfig, device: torch.device, wo
     }
 
 
-def _check(parts: dict[str, tuple[str, float]], what: str, device: torch.device, source=None) -> None:
+def _check(parts: dict[str, tuple[str, float]], what: str, device: torch.device, source: object = None) -> None:
     """Refuse when the parts add up to more than the device has, naming the largest part."""
     total = sum(bytes_ for _, bytes_ in parts.values())
     described, largest = max(parts.values(), key=lambda part: part[1])
@@ -111,12 +111,14 @@ def inference_bytes(args: ModelArgs, pixels: int) -> dict[str, tuple[str, float]
             "parameters": (f"the parameters of {args.encoder}", 4 * parameters)}
 
 
-def check_inference_memory(args: ModelArgs, height: int, width: int, device: torch.device, source=None) -> None:
+def check_inference_memory(args: ModelArgs, height: int, width: int, device: torch.device,
+                           source: object = None) -> None:
     """Refuse, in one line naming `source`, an image whose inference cannot fit."""
     _check(inference_bytes(args, height * width), f"inference of a {height}x{width} image", device, source)
 
 
-def check_eval_memory(args: ModelArgs, images: list[dict], crop: int | None, device: torch.device, source) -> None:
+def check_eval_memory(args: ModelArgs, images: list[dict], crop: int | None, device: torch.device,
+                      source: object) -> None:
     """Refuse an evaluation whose largest image (or its `crop` x `crop` centre crop) cannot fit."""
     if crop:
         height = width = crop

@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 
@@ -28,7 +28,7 @@ EVAL_FILES = ("metrics.json", "per_class.csv", "confusion.npz", "predictions")
 
 
 @contextlib.contextmanager
-def _on_main(out: Path, command: str, owns, **rules) -> Iterator[None]:
+def _on_main(out: Path, command: str, owns: Callable[[str], bool], **rules) -> Iterator[None]:
     """claim_output on the process that writes (rank 0 under torchrun); the other ranks wait for its outcome,
     so none of them starts (or writes predictions) when the claim is refused."""
     with contextlib.ExitStack() as stack:

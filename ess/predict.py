@@ -6,8 +6,10 @@ and <stem>_overlay.png (the prediction over the image, with a legend of the clas
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import cv2
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -21,7 +23,7 @@ from ess.run import Run
 from ess.visualize import overlay_with_legend
 
 
-def read_rgb(path: Path, fits=None):
+def read_rgb(path: Path, fits: Callable[[int, int], None] | None = None) -> np.ndarray:
     """An image file as RGB uint8, its header's size checked (and by `fits(height, width)`) before decoding."""
     image = read_image(path, cv2.IMREAD_COLOR, "missing or not an image", fits)
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)

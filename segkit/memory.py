@@ -59,7 +59,7 @@ def gigabytes(n: float) -> str:
     return f"{n / 1e9:.1f} GB" if math.isfinite(n) else "inf GB"
 
 
-def check_fits(source, what: str, needed: float, available: int | None = None, where: str = "memory",
+def check_fits(source: object, what: str, needed: float, available: int | None = None, where: str = "memory",
                detail: str = "") -> None:
     """Refuse work that needs at least `needed` bytes when fewer are available (`available`, default
     `available_bytes()`): one InputError naming `source` (a file, a flag, or None), `what` needs it and
