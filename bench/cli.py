@@ -2,6 +2,9 @@
 
 Every command writes CSV tables, PNG figures and `summary.md` into `--out`, and prints
 the summary. Heavy imports (torch, the models) happen inside the commands that need them.
+Every command claims its `--out` (segkit.outdir): one writer at a time, only a new, empty or
+earlier output directory of the same command, never inside --data or --val-data, and on a
+failure none of the tables, figures or summaries it wrote left behind.
 """
 from __future__ import annotations
 
@@ -11,15 +14,34 @@ import click
 
 from bench.definitions import GROUP_DEFINITION, TOPN_DEFINITION
 from ess import variants
-from ess.config import ENCODERS
+from ess.config import ENCODERS, MAX_CROP
 from segkit.errors import CommandGroup
 
 _dir = click.Path(exists=True, file_okay=False, path_type=Path)
 _out = click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
-                    help="Output directory (created if missing); existing files of the same names are replaced.")
+                    help="Output directory: created if missing; an earlier output of the same command has its files "
+                         "of the same names replaced; any other non-empty directory is refused.")
+BENCH_SUFFIXES = (".csv", ".png", ".md", ".txt")
+"""What the commands write into --out (bench study's runs/ aside: kept, for --resume)."""
 
 
-@click.group(cls=CommandGroup, context_settings={"help_option_names": ["-h", "--help"]})
+class _ClaimsOut(click.Command):
+    """A bench command: its --out is claimed (segkit.outdir.claim_output) for as long as it runs."""
+
+    def invoke(self, ctx: click.Context):
+        from segkit.outdir import claim_output
+
+        params = ctx.params
+        with claim_output(params["out"], f"bench {ctx.info_name}", lambda name: name.endswith(BENCH_SUFFIXES),
+                          inputs=(params.get("data"), params.get("val_data"))):
+            return super().invoke(ctx)
+
+
+class _BenchGroup(CommandGroup):
+    command_class = _ClaimsOut
+
+
+@click.group(cls=_BenchGroup, context_settings={"help_option_names": ["-h", "--help"]})
 def main():
     """Analysis of a large-vocabulary segmentation dataset and of the softmax and ESS heads."""
 
@@ -72,8 +94,8 @@ def _size(ctx, param, value):
         h, w = (int(v) for v in value.lower().split("x"))
     except ValueError:
         raise click.BadParameter(f"expected HxW, e.g. 128x128, got {value!r}") from None
-    if h < 32 or w < 32:
-        raise click.BadParameter(f"height and width must be at least 32, got {value!r}")
+    if h < 32 or w < 32 or max(h, w) > MAX_CROP:
+        raise click.BadParameter(f"height and width must be 32 to {MAX_CROP}, got {value!r}")
     return h, w
 
 
@@ -85,7 +107,7 @@ def _size(ctx, param, value):
               help="Comma-separated class counts C, overriding the preset's, e.g. 19,150,1284,20000.")
 @click.option("--size", callback=_size, default=None,
               help="Input size HxW for every class count, overriding the preset's.")
-@click.option("--batch", type=click.IntRange(min=2), default=None,
+@click.option("--batch", type=click.IntRange(min=2, max=1024), default=None,
               help="Images per batch (preset: 2); at least 2, since the batch norm of DeepLabV3+'s image-pooling "
                    "branch needs two images in training. Inference time is reported per image.")
 @click.option("--encoder", type=click.Choice(ENCODERS), default=None,

@@ -12,15 +12,38 @@ import yaml
 
 from bench.definitions import SOURCES, TOP
 from cocolvis.dataset import STATS_COLUMNS, BuiltDataset, read_stats
+from cocolvis.vocab import MAX_CLASSES
 from ess.metrics import per_class_iou
 from segkit.io import InputError, read_json
+from segkit.memory import check_fits
 
 GROUP_COLUMNS = ("miou", "miou_top50", "miou_tail", "miou_lvis_f", "miou_lvis_c", "miou_lvis_r", "miou_stuff")
 ROW_COLUMNS = ("run", "head", *GROUP_COLUMNS, "pixel_acc", "classes_present", "iters", "train_seconds")
 
 
+def _confusion_header(npz: np.lib.npyio.NpzFile, path: Path) -> None:
+    """Refuse a confusion matrix by its .npy header, before its data is read: a square integer matrix of at
+    most MAX_CLASSES classes whose int64 copy fits in memory."""
+    if "confusion" not in npz.files:
+        raise InputError(path, "no array named 'confusion'")
+    readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+    with npz.zip.open("confusion.npy") as f:
+        version = np.lib.format.read_magic(f)
+        if version not in readers:
+            raise InputError(path, f"confusion: .npy format version {version} is not supported")
+        shape, _, dtype = readers[version](f)
+    if len(shape) != 2 or shape[0] != shape[1]:
+        raise InputError(path, f"confusion must be a square matrix, got shape {shape}")
+    if shape[0] > MAX_CLASSES:
+        raise InputError(path, f"the header claims a {shape[0]} x {shape[1]} confusion matrix: at most {MAX_CLASSES} "
+                               f"classes")
+    if not np.issubdtype(dtype, np.integer):
+        raise InputError(path, "confusion must hold non-negative integer pixel counts")
+    check_fits(path, f"a {shape[0]} x {shape[1]} confusion matrix", shape[0] * shape[1] * (dtype.itemsize + 8))
+
+
 def read_eval(eval_dir: str | Path) -> dict:
-    """An `ess eval` output directory: metrics.json and the C x C confusion matrix."""
+    """An `ess eval` output directory: metrics.json and the C x C confusion matrix (int64 counts)."""
     eval_dir = Path(eval_dir)
     metrics = read_json(eval_dir / "metrics.json")
     path = eval_dir / "confusion.npz"
@@ -28,16 +51,19 @@ def read_eval(eval_dir: str | Path) -> dict:
         raise InputError(path, "missing: not an `ess eval` output")
     try:
         with np.load(path) as npz:
+            _confusion_header(npz, path)
             confusion = npz["confusion"]
-    except KeyError:
-        raise InputError(path, "no array named 'confusion'") from None
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:
+        if isinstance(e, InputError):
+            raise
         reason = " ".join(str(e).split())[:200] or type(e).__name__
         raise InputError(path, f"unreadable (not an .npz archive, or truncated): {reason}") from None
-    if confusion.ndim != 2 or confusion.shape[0] != confusion.shape[1]:
-        raise InputError(path, f"confusion must be a square matrix, got shape {confusion.shape}")
-    if not np.issubdtype(confusion.dtype, np.integer) or (confusion < 0).any():
+    if (confusion < 0).any():
         raise InputError(path, "confusion must hold non-negative integer pixel counts")
+    if confusion.size and confusion.max() > np.iinfo(np.int64).max:  # uint64 counts that int64 cannot hold
+        raise InputError(path, f"a count of {confusion.max()} is beyond the int64 range")
+    if confusion.sum(dtype=np.float64) >= 2.0 ** 63:
+        raise InputError(path, "the counts add up past the int64 range")
     return {"dir": eval_dir, "metrics": metrics, "confusion": confusion.astype(np.int64)}
 
 

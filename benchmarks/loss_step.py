@@ -37,8 +37,9 @@ import click
 from ess.config import KNN_BACKENDS, ModelArgs
 from ess.knn import faiss_available
 from ess.losses import DENSE_MAX_CLASSES
-from ess.measure import PeakMemory, available_bytes, time_calls
+from ess.measure import PeakMemory, time_calls
 from ess.variants import VARIANTS, default
+from segkit.memory import available_bytes
 
 DECODER_CHANNELS = 256
 DEFAULTS = ModelArgs()  # d, k, tau, margin and the search's chunk: the model's defaults

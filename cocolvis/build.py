@@ -20,10 +20,11 @@ from cocolvis.dataset import mask_name, write_build
 from cocolvis.inputs import Inputs, read_inputs
 from segkit.io import InputError
 from cocolvis.journal import JOURNAL, Journal, fingerprint, read_journal
-from cocolvis.outdir import check_out_path, claim
+from cocolvis.outdir import claim
 from cocolvis.paint import ORDERS
 from cocolvis.plan import Plan, mask_tasks, plan_build, report
 from cocolvis.pool import default_workers, run_tasks, worker_pool
+from segkit.outdir import check_out_path
 
 
 def build_split(coco, lvis, out, images_root=None, workers: int | None = None, order: str = "area",

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from segkit import signals
 from segkit.errors import CommandGroup
 from segkit.io import InputError
 
@@ -28,27 +29,39 @@ def vocab(lvis, coco, out):
     LVIS categories keep their ids, a stuff category named like an LVIS one merges into
     it, the other stuff categories are appended in COCO id order.
     """
-    from cocolvis.dataset import write_classes
+    from cocolvis.dataset import is_class_list, write_classes
     from cocolvis.vocab import build_vocabulary, describe
 
     classes = build_vocabulary(lvis, coco)
+    if out.is_file() and not is_class_list(out):
+        raise InputError(out, "exists and is not a class list written by `cocolvis vocab`; nothing is replaced: "
+                              "choose another --out")
     write_classes(out, classes)
     click.echo(f"{out}: {describe(classes)}")
 
 
 def _size(ctx, param, value: str):
+    from segkit.images import size_problem
+
     m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", value or "")
     if m is None or min(int(m[1]), int(m[2])) < 8:
         raise click.BadParameter("expected HxW with both at least 8, e.g. 240x320")
+    problem = size_problem(int(m[1]), int(m[2]))
+    if problem:
+        raise click.BadParameter(problem)
     return int(m[1]), int(m[2])
+
+
+SYNTH_MAX_IMAGES = 100_000
+"""Most images of each synthetic split (their ids are drawn from 1..599999)."""
 
 
 @main.command()
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Directory to write annotations/ and images/ into.")
-@click.option("--train", default=200, show_default=True, type=click.IntRange(min=0),
+@click.option("--train", default=200, show_default=True, type=click.IntRange(min=0, max=SYNTH_MAX_IMAGES),
               help="Number of LVIS train images.")
-@click.option("--val", default=50, show_default=True, type=click.IntRange(min=0),
+@click.option("--val", default=50, show_default=True, type=click.IntRange(min=0, max=SYNTH_MAX_IMAGES),
               help="Number of LVIS val images (a quarter of them filed under COCO train2017, as in the real set).")
 @click.option("--size", default="240x320", show_default=True, callback=_size, help="Image size, HxW.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Random seed; the output is deterministic for it.")
@@ -58,8 +71,10 @@ def synth(out, train, val, size, seed):
     COCO-Stuff and LVIS v1 annotation files plus JPEG images, deterministic for a seed.
     """
     from cocolvis.synth import write_synthetic
+    from segkit.outdir import claim_output
 
-    info = write_synthetic(out, train=train, val=val, size=size, seed=seed, progress=True)
+    with claim_output(out, "cocolvis synth", lambda name: name in ("annotations", "images")):
+        info = write_synthetic(out, train=train, val=val, size=size, seed=seed, progress=True)
     click.echo(f"{out}: {train} train and {val} val images of {size[0]}x{size[1]} "
                f"({info['val_from_train2017']} val images under train2017); annotations in {out / 'annotations'}")
 
@@ -88,7 +103,7 @@ def build(coco, lvis, out, images_root, workers, order, limit, top, overwrite):
 
     Writes masks/, images.jsonl, classes.json, stats.csv, report.json and dataset.json
     into --out, then prints a summary. One build at a time may write into --out; a
-    re-run of the same command resumes; Ctrl-C stops with exit status 130.
+    re-run of the same command resumes; Ctrl-C, SIGTERM and SIGHUP stop it with exit status 130, 143 and 129.
     """
     from cocolvis.build import build_split
     from cocolvis.summary import summary_text
@@ -96,9 +111,9 @@ def build(coco, lvis, out, images_root, workers, order, limit, top, overwrite):
     try:
         result = build_split(coco=list(coco), lvis=lvis, out=out, images_root=images_root, workers=workers,
                              order=order, limit=limit, overwrite=overwrite)
-    except KeyboardInterrupt:
-        click.echo(f"\nInterrupted: re-run the same command to resume {out}", err=True)
-        raise click.exceptions.Exit(130) from None
+    except KeyboardInterrupt as e:
+        click.echo(f"\n{signals.reason(e)}: re-run the same command to resume {out}", err=True)
+        raise click.exceptions.Exit(signals.exit_status(e)) from None
     click.echo(summary_text(out, top=top))
     click.echo(f"{result['images_painted']} masks painted in {result['seconds']:.1f} s with {result['workers']} "
                f"worker(s)")

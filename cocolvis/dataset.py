@@ -33,6 +33,8 @@ from typing import Iterable
 import cv2
 import numpy as np
 
+from cocolvis.validate import check_class_name, check_image_size
+from segkit.images import read_image
 from segkit.io import InputError, atomic_open, read_json, write_json, write_text
 
 FORMAT = "cocolvis-build"
@@ -44,6 +46,10 @@ SKIP_REASONS = {
     "no_annotations": "no LVIS instance and no stuff region",
 }
 OUTPUT_FILES = ("classes.json", "images.jsonl", "stats.csv", "report.json", "dataset.json")
+
+
+MAX_IMAGE_ID = 10 ** 12 - 1
+"""Largest image id: masks are named by 12 digits, and every id stays far inside int64."""
 
 
 def mask_name(image_id: int) -> str:
@@ -125,22 +131,9 @@ def write_build(out: Path, classes: list, records: list, results: Iterable, repo
 
 # ----------------------------------------------------------------------------- reader
 
-def _read_png(path: Path, flags: int, problem: str) -> np.ndarray:
-    """An image file decoded by OpenCV from bytes read here, so a missing file is our one-line
-    error (`problem`), not OpenCV's warning first."""
-    try:
-        data = np.fromfile(path, np.uint8)
-    except OSError:
-        raise InputError(path, problem) from None
-    image = cv2.imdecode(data, flags) if data.size else None
-    if image is None:
-        raise InputError(path, problem)
-    return image
-
-
 def read_label_png(path: str | Path) -> np.ndarray:
     """Read a single-channel uint16 label map; a missing or unreadable file is an InputError."""
-    mask = _read_png(Path(path), cv2.IMREAD_UNCHANGED, "missing or unreadable mask")
+    mask = read_image(path, cv2.IMREAD_UNCHANGED, "missing or unreadable mask")
     if mask.ndim != 2 or mask.dtype != np.uint16:
         raise InputError(path, f"expected a single-channel uint16 PNG, got {mask.dtype} of shape {mask.shape}")
     return mask
@@ -154,7 +147,19 @@ def _check_classes(classes, path: Path) -> list[dict]:
             raise InputError(path, "class ids must be 1..C in order")
         if not isinstance(c.get("name"), str):
             raise InputError(path, f"class {i}: needs a string `name`")
+        problem = check_class_name(c["name"])
+        if problem:
+            raise InputError(path, f"class {i}: {problem}")
     return classes
+
+
+def is_class_list(path: Path) -> bool:
+    """Whether `path` holds a valid classes.json (a file `cocolvis vocab` may replace)."""
+    try:
+        _check_classes(read_json(path), path)
+    except InputError:
+        return False
+    return True
 
 
 def _check_record(rec, path: Path, lineno: int) -> dict:
@@ -165,6 +170,12 @@ def _check_record(rec, path: Path, lineno: int) -> dict:
         if type(rec.get(key)) is not int or rec[key] < (0 if key == "id" else 1):
             raise InputError(path, f"line {lineno}: needs a {'non-negative' if key == 'id' else 'positive'} "
                                    f"integer `{key}`")
+    if rec["id"] > MAX_IMAGE_ID:
+        raise InputError(path, f"line {lineno}: image id {rec['id']} is above {MAX_IMAGE_ID}: masks are named by "
+                               "12 digits")
+    problem = check_image_size(rec["height"], rec["width"])
+    if problem:
+        raise InputError(path, f"line {lineno}: {problem}")
     file = rec.get("file")
     if not isinstance(file, str):
         raise InputError(path, f"line {lineno}: needs a string `file`")
@@ -243,7 +254,7 @@ class BuiltDataset:
     def read_image(self, record: dict) -> np.ndarray:
         """The image as RGB uint8 (H, W, 3)."""
         path = self.image_path(record)
-        image = _read_png(path, cv2.IMREAD_COLOR, f"image {record['id']} missing or unreadable under the images root")
+        image = read_image(path, cv2.IMREAD_COLOR, f"image {record['id']} missing or unreadable under the images root")
         return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
@@ -283,6 +294,8 @@ def read_stats(path: Path) -> dict[str, np.ndarray]:
     for c in STATS_COLUMNS[2:]:
         if None in values[c]:
             raise InputError(path, f"class {columns['id'][values[c].index(None)]}: counts must be non-negative integers")
+        if sum(values[c]) >= 2 ** 63:
+            raise InputError(path, f"column {c}: the counts add up past the int64 range")
         columns[c] = np.array(values[c], np.int64)
     return columns
 

@@ -17,6 +17,7 @@ from typing import Callable, Iterable
 import numpy as np
 
 from segkit.io import InputError, read_json
+from cocolvis.dataset import MAX_IMAGE_ID
 from cocolvis.paint import Stuff, Thing
 from cocolvis.validate import (POLYGON_TYPES, check_image_size, check_polygons, check_rle_strings, check_uncompressed_counts,
                                is_int)
@@ -79,6 +80,8 @@ def image_index(data: dict, path) -> dict[int, dict]:
         image_id = img.get("id") if isinstance(img, dict) else None
         if not is_int(image_id) or image_id < 0:
             raise InputError(path, f"images[{i}]: needs a non-negative integer `id`")
+        if image_id > MAX_IMAGE_ID:
+            raise InputError(path, f"image {image_id}: id above {MAX_IMAGE_ID}: masks are named by 12 digits")
         problem = check_image_size(img.get("height"), img.get("width"))
         if problem:
             raise InputError(path, f"image {image_id}: {problem}")

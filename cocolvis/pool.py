@@ -2,8 +2,11 @@
 
 Workers are forked before the annotation files are read, so they share none of the
 parent's copy of a 1 GB file and peak memory does not grow with the worker count; each
-receives a few images' annotations at a time. Workers ignore Ctrl-C: the parent stops
-handing out work, lets the images in flight finish, and the build can be resumed.
+receives a few images' annotations at a time. Workers ignore Ctrl-C and SIGHUP: the parent
+stops handing out work, lets the images in flight finish, and the build can be resumed (a
+SIGTERM of the parent alone does the same; one sent to the whole process group ends the
+workers at once). A worker dies with its parent however the parent ends, SIGKILL included
+(`segkit.signals.die_with_parent`), so none is left holding the parent's pipes open.
 """
 from __future__ import annotations
 
@@ -11,11 +14,11 @@ import concurrent.futures as cf
 import contextlib
 import multiprocessing
 import os
-import signal
 from concurrent.futures.process import BrokenProcessPool
 from typing import Iterable, Iterator
 
 from segkit.io import InputError
+from segkit.signals import worker_setup
 from cocolvis.paint import MaskResult, MaskTask, write_mask
 
 CHUNK = 4
@@ -26,16 +29,16 @@ IN_FLIGHT = 3
 """Chunks queued per worker: enough to keep every worker busy, few enough to stop fast."""
 
 
+MAX_WORKERS = 256
+"""Most worker processes a build starts."""
+
+
 def default_workers() -> int:
-    """All the cores this process may run on."""
+    """All the cores this process may run on, at most MAX_WORKERS."""
     try:
-        return len(os.sched_getaffinity(0))
+        return min(len(os.sched_getaffinity(0)), MAX_WORKERS)
     except AttributeError:
-        return os.cpu_count() or 1
-
-
-def _ignore_interrupts() -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+        return min(os.cpu_count() or 1, MAX_WORKERS)
 
 
 def _ready() -> None:
@@ -45,12 +48,14 @@ def _ready() -> None:
 @contextlib.contextmanager
 def worker_pool(workers: int) -> Iterator[cf.ProcessPoolExecutor | None]:
     """A pool of `workers` processes, started now, or None for one worker (work stays in this process)."""
+    if workers > MAX_WORKERS:
+        raise InputError(None, f"--workers {workers}: at most {MAX_WORKERS} worker processes")
     if workers <= 1:
         yield None
         return
     fork = "fork" in multiprocessing.get_all_start_methods()
     ctx = multiprocessing.get_context("fork" if fork else "spawn")
-    pool = cf.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_ignore_interrupts)
+    pool = cf.ProcessPoolExecutor(workers, mp_context=ctx, initializer=worker_setup, initargs=(os.getpid(),))
     try:
         pool.submit(_ready).result()  # with fork, every worker starts at the first submit
         yield pool

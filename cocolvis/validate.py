@@ -7,8 +7,8 @@ here returns None for a good value or a short phrase saying what is wrong, for t
 caller to name the file and the annotation.
 
 The limits:
-  * image sides 1..MAX_SIDE pixels and at most MAX_PIXELS pixels per image (a worker
-    holds a few arrays of that size: about 10 bytes a pixel);
+  * image sides 1..MAX_SIDE pixels and at most MAX_PIXELS pixels per image (segkit.images'
+    limits: a worker holds a few arrays of that size, about 10 bytes a pixel);
   * polygon coordinates finite numbers within POLYGON_MARGIN pixels of the image (real
     annotations reach a pixel or two past the border), at least 3 points, and a
     rasterized outline of at most MAX_OUTLINE pixels (what pycocotools allocates);
@@ -25,14 +25,13 @@ from __future__ import annotations
 
 import itertools
 import math
+import unicodedata
 from array import array
 
 import numpy as np
 
-MAX_SIDE = 16384
-"""Largest image height or width."""
-MAX_PIXELS = 1 << 26
-"""Largest image area (67.1 M pixels, e.g. 8192 x 8192)."""
+from segkit.images import size_problem
+
 POLYGON_MARGIN = 1000.0
 """How far past the image border (in pixels) a polygon vertex may lie."""
 MAX_OUTLINE = 1 << 22
@@ -51,13 +50,21 @@ def is_int(value) -> bool:
     return type(value) is int
 
 
+def check_class_name(name: str) -> str | None:
+    """A class name: not blank, and no control character or line break (a newline would split a line of
+    stats.csv and of every table and figure label made from it)."""
+    if not name.strip():
+        return "a class name must not be blank"
+    bad = next((ch for ch in name if unicodedata.category(ch) in ("Cc", "Zl", "Zp")), None)
+    if bad is not None:
+        return f"class name {name!r} holds the control character {bad!r}"
+    return None
+
+
 def check_image_size(height, width) -> str | None:
     if not (is_int(height) and is_int(width)):
         return "needs integer `height` and `width`"
-    if not (0 < height <= MAX_SIDE and 0 < width <= MAX_SIDE) or height * width > MAX_PIXELS:
-        return (f"size {height}x{width} is outside the limits (sides 1..{MAX_SIDE}, "
-                f"at most {MAX_PIXELS} pixels)")
-    return None
+    return size_problem(height, width)
 
 
 def check_polygon(poly, height: int, width: int) -> str | None:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cocolvis.validate import check_class_name
 from segkit.io import InputError, read_json
 
 DATA_DIR = Path(__file__).parent / "data"
@@ -39,6 +40,9 @@ def check_categories(categories, path, what: str) -> list[dict]:
     for i, cat in enumerate(categories):
         if not isinstance(cat, dict) or type(cat.get("id")) is not int or not isinstance(cat.get("name"), str):
             raise InputError(path, f"category #{i}: needs an integer `id` and a string `name`")
+        problem = check_class_name(cat["name"])
+        if problem:
+            raise InputError(path, f"category {cat['id']}: {problem}")
         if cat["id"] in seen_ids:
             raise InputError(path, f"category {cat['id']} ({cat['name']!r}): duplicate category id")
         if cat["name"] in seen_names:

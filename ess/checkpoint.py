@@ -32,7 +32,11 @@ def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
     """Write atomically: an interrupted save leaves the previous checkpoint in place."""
     state = {"format": FORMAT, "version": VERSION, **state}
     with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+        try:
+            torch.save(state, tmp)
+        except RuntimeError as e:  # torch's archive writer reports a full disk or a failed write so
+            reason = " ".join(str(e).split())[:200]
+            raise InputError(path, f"cannot write the checkpoint (is the disk full?): {reason}") from None
 
 
 def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
@@ -58,8 +62,17 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     return state
 
 
+def check_head(state: dict, head: str, path: str | os.PathLike) -> None:
+    """Refuse a checkpoint of another head than `head`, the head of the run it is loaded for."""
+    saved = state["model_args"].get("head") if isinstance(state.get("model_args"), dict) else None
+    if saved != head:
+        raise InputError(path, f"holds a checkpoint of the {saved} head, but its run is of the {head} head "
+                               f"(config.yaml)")
+
+
 def load_weights(model: torch.nn.Module, state: dict, path: str | os.PathLike) -> None:
-    """Load a checkpoint's model weights, turning a shape or key mismatch into one line."""
+    """Load a checkpoint's model weights, turning another head, a shape or a key mismatch into one line."""
+    check_head(state, model.args.head, path)
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as e:

@@ -33,10 +33,9 @@ def train(out, config_file, preset, resume, stop_after, quiet, **options):
     """Train a softmax or ESS head; writes RUN/config.yaml, log.csv, last.pt (and val.csv, best.pt).
 
     Under `torchrun --nproc_per_node N -m ess train ...`, N processes share each --batch; rank 0 writes RUN.
+    One run at a time writes RUN. Ctrl-C, SIGTERM or SIGHUP stop it at an iteration's end (after the
+    next checkpoint when that is due within seconds), with exit status 130, 143 or 129; --resume continues.
     """
-    from ess.distributed import is_main
-    from ess.train import train as run_training
-
     base = None
     if resume:
         saved = out / "config.yaml"
@@ -44,6 +43,9 @@ def train(out, config_file, preset, resume, stop_after, quiet, **options):
             raise InputError(saved, "missing: nothing to resume in --out")
         base = cfg.load(saved)
     config = cfg.resolve(preset, config_file, options, base=base)
+    from ess.distributed import is_main  # torch: once the options are known to be good
+    from ess.train import train as run_training
+
     summary = run_training(config, out, resume=resume, stop_after=stop_after, progress=not quiet)
     if not is_main():
         return
@@ -59,11 +61,12 @@ def train(out, config_file, preset, resume, stop_after, quiet, **options):
 @click.option("--out", type=PATH, help="Output directory [default: RUN/eval].")
 @click.option("--save-predictions", is_flag=True, help="Also write EVAL/predictions/<id>.png and a colourised preview.")
 @click.option("--checkpoint", default="best", show_default=True, help="best, last, or a checkpoint file.")
-@click.option("--crop-val", type=click.IntRange(min=1),
+@click.option("--crop-val", type=click.IntRange(min=1, max=cfg.MAX_CROP),
               help="Evaluate resized centre crops of this size [default: the run's setting, else whole images].")
 @click.option("--device", default="auto", show_default=True,
               help="auto, cpu, cuda or cuda:N (under torchrun: cuda means cuda:LOCAL_RANK).")
-@click.option("--workers", default=0, show_default=True, type=click.IntRange(min=0), help="DataLoader worker processes.")
+@click.option("--workers", default=0, show_default=True, type=click.IntRange(min=0, max=cfg.MAX_WORKERS),
+              help="DataLoader worker processes.")
 @click.option("--readout", type=click.Choice(READOUTS), default="learned", show_default=True,
               help="ESS only: pixel-mean replaces each class embedding by the mean embedding of its pixels in the "
                    "run's training data (how far the class side lags); writes RUN/eval-pixel-mean by default.")

@@ -38,6 +38,12 @@ DEVICE_PATTERN = r"auto|cpu|cuda(:\d+)?"
 # How `ess eval` reads out an ESS network's classes: its learned class embeddings, or each class's mean pixel
 # embedding over the training data (ess.readout).
 READOUTS = ("learned", "pixel-mean")
+# Hard limits on sizes; what depends on the machine's memory is checked by ess.memory before allocation.
+MAX_CROP = 8192
+MAX_EMBED_DIM = 1 << 16
+MAX_K = 0x7FFF  # no more classes than a build's 15-bit ids hold
+MAX_ITERS = 10 ** 9
+MAX_WORKERS = 256
 
 
 @dataclass(frozen=True)
@@ -50,11 +56,11 @@ class ModelArgs:
     norm: str = option("bn", "Normalisation layers: BatchNorm or GroupNorm.", choices=NORMS)
     pretrained: bool = option(False, "Start the encoder from ImageNet weights (needs network access).")
     output_stride: int = option(16, "Encoder output stride.", choices=(8, 16))
-    aspp_rates: tuple[int, ...] = option((6, 12, 18), "ASPP dilation rates.", low=1, cli=False)
+    aspp_rates: tuple[int, ...] = option((6, 12, 18), "ASPP dilation rates.", low=1, high=512, cli=False)
     aspp_dropout: float = option(0.5, "Dropout after the ASPP projection (segmentation-models-pytorch's value).",
                                  low=0, high=1, high_open=True)
     encoder_bn_momentum: float = option(0.01, "BatchNorm momentum of the encoder.", low=0, high=1)
-    embed_dim: int = option(12, "ESS embedding dimension d.", low=1)
+    embed_dim: int = option(12, "ESS embedding dimension d.", low=1, high=MAX_EMBED_DIM)
     normalize: bool = option(True, "L2-normalise pixel and class embeddings (--no-norm for the ablation).",
                              flag="--normalize/--no-norm")
     normalize_at: str = option("output", "Where a pixel embedding is L2-normalised: output (after the bilinear "
@@ -67,7 +73,7 @@ class ModelArgs:
     proto_momentum: float = option(0.999, "With --class-update prototype: the moving average's momentum once a "
                                           "class has been seen in 1 / (1 - momentum) batches; before that, the "
                                           "plain mean of every batch so far.", low=0, high=1, high_open=True)
-    k: int = option(7, "ESS negatives per pixel.", low=1)
+    k: int = option(7, "ESS negatives per pixel (at most C - 1 are used).", low=1, high=MAX_K)
     tau: float = option(20.0, "ESS logit scale: logits = -tau * distance.", low=0, low_open=True)
     margin: float = option(0.2, "Margin of the class-separation regulariser.", low=0)
     reg: bool = option(True, "Class-separation regulariser on or off.")
@@ -79,8 +85,8 @@ class ModelArgs:
                                  "ESS loss, the chunked softmax): what bounds their memory.", low=1)
     knn_stride: int = option(1, "Search once per block of this many pixels (1, 2: 1x2, 4: 2x2, 8: 2x4) and share "
                                 "the block's negatives.", choices=tuple(STRIDE_BLOCKS))
-    nlist: int | None = option(None, "IVF cells for --knn ivf [default: sqrt(C)].", low=1)
-    nprobe: int | None = option(None, "IVF cells searched per query [default: nlist / 5].", low=1)
+    nlist: int | None = option(None, "IVF cells for --knn ivf [default: sqrt(C)].", low=1, high=MAX_K)
+    nprobe: int | None = option(None, "IVF cells searched per query [default: nlist / 5].", low=1, high=MAX_K)
     ivf_rebuild_every: int = option(100, "Training steps between re-clusterings of the IVF index.", low=1)
     softmax_impl: str = option("dense", "Softmax loss and prediction: dense full-resolution logits, or chunked "
                                         "(the same values, never holding B x C x H x W logits).",
@@ -113,7 +119,7 @@ class TrainConfig:
     images_root: str | None = option(None, "Images root of both splits [default: the one in each dataset.json].",
                                      directory=True)
     # optimisation
-    iters: int = option(90000, "Total training iterations.", low=1)
+    iters: int = option(90000, "Total training iterations.", low=1, high=MAX_ITERS)
     batch: int = option(16, "Images per iteration: the global batch, split evenly over torchrun's processes.",
                         low=1)
     lr: float = option(0.01, "Base learning rate (decoder, head, class embeddings).", low=0)
@@ -134,15 +140,15 @@ class TrainConfig:
     sync_bn: bool = option(False, "BatchNorm statistics over the global batch (SyncBatchNorm) under torchrun "
                                   "on CUDA; no effect in one process.")
     # augmentation and evaluation
-    crop: int = option(512, "Training crop size in pixels.", low=1)
+    crop: int = option(512, "Training crop size in pixels.", low=1, high=MAX_CROP)
     scale_min: float = option(0.5, "Smallest random scale.", low=0, low_open=True)
     scale_max: float = option(2.0, "Largest random scale.", low=0, low_open=True)
     flip: bool = option(True, "Random horizontal flips.")
     crop_val: int | None = option(None, "Validate on resized centre crops of this size instead of whole images.",
-                                  low=1)
+                                  low=1, high=MAX_CROP)
     # bookkeeping
-    seed: int = option(0, "Seed of weights, data order and augmentation.", low=0)
-    workers: int = option(0, "DataLoader worker processes.", low=0)
+    seed: int = option(0, "Seed of weights, data order and augmentation.", low=0, high=2 ** 63 - 1)
+    workers: int = option(0, "DataLoader worker processes.", low=0, high=MAX_WORKERS)
     device: str = option("auto", "auto, cpu, cuda or cuda:N (under torchrun: cuda means cuda:LOCAL_RANK).",
                          pattern=DEVICE_PATTERN)
     ckpt_every: int = option(1000, "Write RUN/last.pt every N iterations.", low=1)

@@ -14,6 +14,7 @@ import torch
 
 from cocolvis.dataset import BuiltDataset
 from segkit.io import InputError
+from segkit.signals import ignore_stop_signals
 
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
@@ -167,4 +168,4 @@ def train_loader(samples: TrainSamples, batch: int, start_iter: int, stop_iter: 
     positions = BatchShare(batch, start_iter, stop_iter, rank, world)
     return torch.utils.data.DataLoader(samples, batch_size=positions.share, sampler=positions, num_workers=workers,
                                        pin_memory=pin_memory, drop_last=False,
-                                       persistent_workers=False)
+                                       persistent_workers=False, worker_init_fn=ignore_stop_signals)

@@ -23,9 +23,12 @@ from tqdm import tqdm
 
 from cocolvis.dataset import BuiltDataset, mask_name
 from segkit.io import InputError, atomic_open, atomic_path, write_json
+from segkit.signals import ignore_stop_signals
 from ess.data import EvalSamples
 from ess import distributed
 from ess.metrics import ConfusionMatrix, compute_metrics
+from ess.memory import check_eval_memory
+from ess.outputs import claim_eval
 from ess.readout import pixel_mean_readout
 from ess.run import load_run
 from ess.visualize import colorize
@@ -59,7 +62,7 @@ def evaluate_model(model, dataset: BuiltDataset, device: torch.device, crop: int
     confusion = ConfusionMatrix(dataset.num_classes)
     samples = EvalSamples(dataset, crop)
     shard = torch.utils.data.Subset(samples, distributed.shard(len(samples)))
-    loader = torch.utils.data.DataLoader(shard, batch_size=1, num_workers=workers)
+    loader = torch.utils.data.DataLoader(shard, batch_size=1, num_workers=workers, worker_init_fn=ignore_stop_signals)
     show = progress and distributed.is_main()
     for image, mask, image_id in tqdm(loader, desc="eval", unit="img", disable=not show, dynamic_ncols=True):
         with torch.autocast(device.type, dtype=torch.float16, enabled=amp and device.type == "cuda"):
@@ -133,10 +136,12 @@ def evaluate_run(run_dir: str | Path, data: str | Path, images_root: str | Path 
             model = pixel_mean_readout(model, training, dev, progress=progress and distributed.is_main())
         out = Path(out) if out is not None else run.dir / ("eval" if readout == "learned" else f"eval-{readout}")
         crop = crop if crop is not None else run.config.train.crop_val
-        metrics = evaluate_model(model, dataset, dev, crop=crop, amp=run.config.train.amp,
-                                 predictions_dir=out / "predictions" if save_predictions else None,
-                                 progress=progress, workers=workers)
-        metrics["readout"] = readout
-        if not distributed.is_main():
-            return eval_summary(metrics, run.model.args.head, run.dir, dataset.root)
-        return write_eval(out, metrics, dataset.classes, run.model.args.head, run.dir, dataset.root)
+        check_eval_memory(run.model.args, dataset.images, crop, dev, dataset.root / "images.jsonl")
+        with claim_eval(out, dataset.root):  # the lock, and nothing half-written left by a failure
+            metrics = evaluate_model(model, dataset, dev, crop=crop, amp=run.config.train.amp,
+                                     predictions_dir=out / "predictions" if save_predictions else None,
+                                     progress=progress, workers=workers)
+            metrics["readout"] = readout
+            if not distributed.is_main():
+                return eval_summary(metrics, run.model.args.head, run.dir, dataset.root)
+            return write_eval(out, metrics, dataset.classes, run.model.args.head, run.dir, dataset.root)

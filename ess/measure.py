@@ -43,15 +43,6 @@ def max_rss_bytes() -> int:
     return rss if sys.platform == "darwin" else rss * 1024  # bytes on macOS, KiB on Linux
 
 
-def available_bytes() -> int:
-    """Memory the system can still hand out (MemAvailable); 8 GB where unknown."""
-    try:
-        with open("/proc/meminfo") as f:
-            return int(re.search(r"^MemAvailable:\s+(\d+) kB", f.read(), re.M).group(1)) * 1024
-    except (OSError, AttributeError):
-        return 8 << 30
-
-
 def synchronize(device: torch.device | str) -> None:
     """Wait for queued CUDA work, so a timer or memory reading covers it; nothing on the CPU."""
     device = torch.device(device)

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ess.config import HEADS, ModelArgs
+from ess.config import ModelArgs
 from ess.heads import EssHead, SoftmaxHead
 
 

@@ -5,24 +5,27 @@ and <stem>_overlay.png (the prediction over the image, with a legend of the clas
 """
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
+from typing import Callable
 
 import cv2
+import numpy as np
 import torch
 from tqdm import tqdm
 
+from segkit.images import read_image
 from segkit.io import InputError
 from ess.data import to_tensor
 from ess.evaluate import write_label_png, write_rgb_png
+from ess.memory import check_inference_memory
+from ess.outputs import claim_predictions, prediction_names
 from ess.run import Run
 from ess.visualize import overlay_with_legend
 
 
-def read_rgb(path: Path):
-    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if image is None:
-        raise InputError(path, "missing or not an image")
+def read_rgb(path: Path, fits: Callable[[int, int], None] | None = None) -> np.ndarray:
+    """An image file as RGB uint8, its header's size checked (and by `fits(height, width)`) before decoding."""
+    image = read_image(path, cv2.IMREAD_COLOR, "missing or not an image", fits)
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
@@ -39,8 +42,8 @@ def predict_images(run: Run, images: list[str | Path], out: str | Path, device: 
                    progress: bool = True) -> list[Path]:
     """Write the label map and the overlay of every image; returns the label map paths.
 
-    Every image is checked to exist before any output is written; a failure in a fresh
-    `out` leaves no directory behind.
+    Every image is checked to exist before any output is written, and its size before it is decoded;
+    a failure leaves none of this call's outputs behind (ess.outputs.claim_predictions).
     """
     images = [Path(p) for p in images]
     stems: dict[str, Path] = {}
@@ -51,18 +54,14 @@ def predict_images(run: Run, images: list[str | Path], out: str | Path, device: 
         if not p.is_file():
             raise InputError(p, "no such image file")
     out = Path(out)
-    fresh = not out.exists()
     names = [c["name"] for c in run.classes]
     written = []
-    try:
+    with claim_predictions(out, images):
         for path in tqdm(images, desc="predict", unit="img", disable=not progress, dynamic_ncols=True):
-            image = read_rgb(path)
+            image = read_rgb(path, lambda h, w: check_inference_memory(run.model.args, h, w, device, path))
             labels = predict_image(run, image, device)
-            write_label_png(out / f"{path.stem}.png", labels)
-            write_rgb_png(out / f"{path.stem}_overlay.png", overlay_with_legend(image, labels, names))
-            written.append(out / f"{path.stem}.png")
-    except BaseException:
-        if fresh:
-            shutil.rmtree(out, ignore_errors=True)
-        raise
+            label_name, overlay_name = prediction_names(path)
+            write_label_png(out / label_name, labels)
+            write_rgb_png(out / overlay_name, overlay_with_legend(image, labels, names))
+            written.append(out / label_name)
     return written

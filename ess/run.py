@@ -12,7 +12,7 @@ import torch
 
 from segkit.io import InputError, read_json
 from ess import config as cfg
-from ess.checkpoint import load_model
+from ess.checkpoint import check_head, load_model
 from ess.model import Segmenter
 
 
@@ -47,6 +47,7 @@ def load_run(run_dir: str | Path, checkpoint: str = "best", device: str | torch.
         raise InputError(run_dir / "classes.json", "expected a non-empty list of classes with names")
     path = checkpoint_path(run_dir, checkpoint)
     model, state = load_model(path, map_location=torch.device(device))
+    check_head(state, config.model.head, path)
     if model.args.num_classes != len(classes):
         raise InputError(path, f"a model of {model.args.num_classes} classes, but {run_dir / 'classes.json'} "
                                f"lists {len(classes)}")

@@ -19,7 +19,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import math
-import shutil
 import time
 from pathlib import Path
 
@@ -29,7 +28,7 @@ from tqdm import tqdm
 
 from cocolvis.dataset import BuiltDataset
 from segkit.errors import OneLineError
-from segkit.io import InputError, atomic_open, remove_stale_temporaries, write_json
+from segkit.io import InputError, atomic_open, write_json
 from ess import config as cfg
 from ess import distributed
 from ess.checkpoint import load_checkpoint, load_weights, save_checkpoint
@@ -38,7 +37,10 @@ from ess.data import TrainSamples, train_loader
 from ess.evaluate import evaluate_model
 from ess.config import ModelArgs
 from ess.model import PretrainedWeightsError, Segmenter
+from ess.memory import check_training_memory
 from ess.optim import make_optimizer, set_lr
+from ess.outputs import claim_run
+from ess.stopping import StopPlan
 
 LOG_FIELDS = ("iteration", "loss", "lr", "seconds")
 VAL_FIELDS = ("iteration", "miou", "pixel_acc")
@@ -167,22 +169,16 @@ def train(config: Config, out: str | Path, resume: bool = False, stop_after: int
     """Train one run into `out`; returns {"iteration", "best_miou", "seconds"}.
 
     Under torchrun, every process runs this with its share of each batch; rank 0 writes the run.
-    A run that fails before its first checkpoint leaves no directory behind it.
+    A run that fails before its first checkpoint leaves nothing behind it (ess.outputs.claim_run);
+    a stop signal ends it at an iteration's end (ess.stopping).
     """
     out = Path(out).resolve()
     with distributed.process_group(config.train.device) as device:
         cfg.check_for_training(config, world=distributed.world_size())
         if not resume and (out / "last.pt").exists():
             raise InputError(out, "already holds a run (last.pt): pass --resume to continue it, or another --out")
-        fresh = not out.exists()
-        if not fresh and distributed.is_main():
-            remove_stale_temporaries(out)  # of a checkpoint save that was killed
-        try:
+        with claim_run(out, config.train):  # the lock, and no half-written run left by a failure
             return _train(config, out, device, resume, stop_after, progress)
-        except BaseException:
-            if distributed.is_main() and fresh and out.exists() and not (out / "last.pt").exists():
-                shutil.rmtree(out, ignore_errors=True)
-            raise
 
 
 def _train(config: Config, out: Path, device: torch.device, resume: bool, stop_after: int | None,
@@ -199,6 +195,7 @@ def _train(config: Config, out: Path, device: torch.device, resume: bool, stop_a
     torch.manual_seed(settings.seed)
     args = dataclasses.replace(config.model, num_classes=train_set.num_classes,
                                pretrained=config.model.pretrained and not resume)
+    check_training_memory(args, settings, device, distributed.world_size(), train_set.images)
     model = new_model(args).to(device)
     optimizer = make_optimizer(model, settings)
     # Under DDP the scaled gradients are averaged before the scaler unscales them, so every rank
@@ -232,7 +229,9 @@ def _train(config: Config, out: Path, device: torch.device, resume: bool, stop_a
                           rank=distributed.rank(), world=distributed.world_size())
     model.train()
     last_saved = start if resume else None
+    done = start
     tick = time.perf_counter()
+    stopping = StopPlan(start, stop, settings.ckpt_every, seconds)  # a stop signal takes effect at an iteration's end
     try:
         for iteration, (images, masks) in zip(range(start, stop), loader):
             lr = set_lr(optimizer, iteration, total, settings.min_lr)
@@ -256,9 +255,12 @@ def _train(config: Config, out: Path, device: torch.device, resume: bool, stop_a
             now = time.perf_counter()
             seconds, tick = seconds + now - tick, now
             records.iteration(done, loss_value, lr, seconds)
-            if val_set is not None and settings.val_every and (done % settings.val_every == 0 or done == total):
+            stop_here = stopping.check(done, seconds)
+            if val_set is not None and settings.val_every and (done % settings.val_every == 0 or done == total) \
+                    and not stopping.requested:
                 # Each rank evaluates its share of the images; the metrics are of all of them.
-                metrics = evaluate_model(model, val_set, device, crop=settings.crop_val, amp=amp, progress=False)
+                with stopping.immediate():
+                    metrics = evaluate_model(model, val_set, device, crop=settings.crop_val, amp=amp, progress=False)
                 model.train()
                 miou = metrics["miou"]
                 records.validation(done, metrics)
@@ -269,6 +271,13 @@ def _train(config: Config, out: Path, device: torch.device, resume: bool, stop_a
             if done % settings.ckpt_every == 0 or done == stop:
                 checkpoint(out / "last.pt", done)
                 last_saved = done
+            if stop_here:
+                raise stopping.interrupted()
+    except (KeyboardInterrupt, RuntimeError) as e:  # Ctrl-C, SIGTERM, SIGHUP: one line on what is kept
+        if not stopping.ends(e):
+            raise
+        raise stopping.stopped(e, done, last_saved, out) from None
     finally:
+        stopping.close()
         records.close()
     return {"iteration": stop, "best_miou": best_miou, "seconds": seconds}

@@ -75,17 +75,20 @@ def write_text(path: str | os.PathLike, text: str) -> None:
 
 
 def read_json(path: str | os.PathLike, digests: dict | None = None, object_hook=None) -> Any:
-    """Load a UTF-8 JSON file, turning a missing, unreadable or malformed file into an InputError.
+    """Load a JSON file, turning a missing, unreadable or malformed file into an InputError.
 
-    With `digests`, the SHA-256 of the file's bytes is stored in it under `path`;
-    `object_hook` is json's (it may make each object smaller as it is read).
+    The encodings are those JSON has had: UTF-8 with or without a byte-order mark, UTF-16 and
+    UTF-32 (either byte order), told apart from the first bytes as `json.loads` does. With
+    `digests`, the SHA-256 of the file's bytes is stored in it under `path`; `object_hook` is
+    json's (it may make each object smaller as it is read).
     """
     try:
         with open(path, "rb") as f:
             data = f.read()
         if digests is not None:
             digests[path] = hashlib.sha256(data).hexdigest()
-        text = data.decode("utf-8")
+        encoding = json.detect_encoding(data)
+        text = data.decode(encoding)
         del data  # the bytes and their text need not both stay for the parse
         return json.loads(text, object_hook=object_hook)
     except FileNotFoundError:
@@ -94,7 +97,10 @@ def read_json(path: str | os.PathLike, digests: dict | None = None, object_hook=
         raise InputError(path, "is a directory, expected a JSON file") from None
     except PermissionError:
         raise InputError(path, "permission denied") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except UnicodeDecodeError as e:
+        raise InputError(path, f"malformed JSON: not {e.encoding.upper()} text ({e.reason} at byte {e.start}); "
+                               "JSON files are read as UTF-8, UTF-16 or UTF-32") from None
+    except json.JSONDecodeError as e:
         raise InputError(path, f"malformed JSON: {e}") from None
     except RecursionError:
         raise InputError(path, "malformed JSON: nested too deeply") from None

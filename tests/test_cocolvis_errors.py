@@ -317,8 +317,8 @@ def test_second_build_into_a_locked_out_is_refused(good, tmp_path):
     finally:
         os.close(fd)
     assert result.exit_code == 1
-    assert result.stderr.strip().splitlines() == [f"Error: {out}: another build is writing into this directory "
-                                                  "(pid 4242); wait for it to finish or choose another --out"]
+    assert result.stderr.strip().splitlines() == [f"Error: {out}: another process (pid 4242) is writing into this "
+                                                  "directory; wait for it to finish or choose another --out"]
     result, _ = run_build(tmp_path, good[0], [good[1]])  # the lock released: builds
     assert result.exit_code == 0, result.output
     assert not (out / ".lock").exists()

@@ -87,6 +87,13 @@ def test_missing_checkpoint(tmp_path):
 
 def test_weights_of_another_model(saved):
     path, _ = saved
-    other = build_model("softmax", 11, encoder="resnet18")
+    other = build_model("ess", 11, encoder="resnet18", embed_dim=8)
     with pytest.raises(InputError, match="weights do not fit this model"):
+        load_weights(other, load_checkpoint(path), path)
+
+
+def test_a_checkpoint_of_another_head_is_refused_first(saved):
+    path, _ = saved
+    other = build_model("softmax", 11, encoder="resnet18")
+    with pytest.raises(InputError, match="holds a checkpoint of the ess head, but its run is of the softmax head"):
         load_weights(other, load_checkpoint(path), path)
