@@ -7,7 +7,8 @@ Backends (all return int64 indices (N, k), nearest first, on the queries' device
 `resolve_backend` is the one place that decides what `auto` (and `ivf` where it cannot win) means.
 
 The exact backends search without gradient and bound their memory by the chunk size, never
-by queries x classes: the ESS loss recomputes the distances it needs with gradient.
+by queries x classes: the ESS loss recomputes the distances it needs with gradient. They rank
+in float32 under autocast too (the torch search runs with autocast off; faiss takes float32).
 faiss is optional (`pip install -e '.[cpu]'` or `'.[gpu]'`); without it auto means torch.
 """
 from __future__ import annotations
@@ -15,6 +16,8 @@ from __future__ import annotations
 import functools
 
 import torch
+
+from ess.device import full_precision
 
 # Below this class count `auto` searches with torch, on any device: a flat search of so few classes is one
 # small matmul, and the ESS loss then takes its dense path (ess.losses.DENSE_MAX_CLASSES). From here, on the
@@ -76,6 +79,7 @@ def rows_per_block(chunk: int, row_size: int) -> int:
 
 
 @torch.no_grad()
+@full_precision()
 def knn_torch(queries: torch.Tensor, base: torch.Tensor, k: int, chunk: int) -> torch.Tensor:
     """Indices (N, k) of the k nearest rows of `base` (C, d) to each row of `queries` (N, d), nearest first."""
     queries = queries.detach().float()
