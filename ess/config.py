@@ -113,7 +113,9 @@ class TrainConfig:
     embed_optimizer: str = option("sgd", "Optimiser of the class embeddings: sgd (published), or adam, whose step "
                                          "does not shrink with a class's share of the pixels.", choices=("sgd", "adam"))
     embed_lr_mult: float = option(1.0, "Class-embedding LR as a multiple of --lr.", low=0, low_open=True)
-    amp: bool = option(True, "Mixed precision on CUDA (no effect on CPU).")
+    amp: bool | None = option(None, "Mixed precision: float16 autocast with gradient scaling on CUDA, bfloat16 "
+                                    "autocast on the CPU; the losses compute in float32 [default: on for CUDA, "
+                                    "off for the CPU].")
     sync_bn: bool = option(False, "BatchNorm statistics over the global batch (SyncBatchNorm) under torchrun "
                                   "on CUDA; no effect in one process.")
     # augmentation and evaluation

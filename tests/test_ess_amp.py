@@ -4,12 +4,19 @@ against float32 (at 19, 300 and 3000 classes: the dense and gather ESS losses, t
 cell-pruned regulariser, exact and IVF searches)."""
 import copy
 
+import numpy as np
+import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
+from click.testing import CliRunner
 
+from ess import config as cfg
+from ess.checkpoint import load_checkpoint
+from ess.cli import main
 from ess.config import ModelArgs
 from ess.device import Precision, precision
+from ess.evaluate import evaluate_run
 from ess.heads import SoftmaxHead, UpsampledLogits
 from ess.ivf import IvfSearch
 from ess.knn import knn_torch
@@ -169,3 +176,65 @@ def test_every_head_variant_trains_and_predicts_under_autocast(device, num_class
         # ... and agrees with float32's on most pixels (at initialisation many pixels' best classes nearly tie).
         assert (low["prediction"] == full["prediction"]).float().mean() > 0.5, name
 
+
+# --- the training loop -------------------------------------------------------------------------
+
+def _spy_precision(monkeypatch, forced: Precision | None = None) -> list[Precision]:
+    """Record what ess.train runs in (or make it run in `forced`, e.g. CUDA's float16 and scaler on the CPU)."""
+    seen = []
+
+    def spy(device, amp):
+        seen.append(forced or precision(device, amp))
+        return seen[-1]
+
+    monkeypatch.setattr("ess.train.precision", spy)
+    return seen
+
+
+def _train_args(data, out, *flags):
+    return ["train", "--data", str(data), "--head", "ess", "--preset", "tiny", "--crop", "32", "--batch", "2",
+            "--iters", "2", "--device", "cpu", "--quiet", "--out", str(out), *flags]
+
+
+def test_train_amp_on_the_cpu_is_bfloat16_without_a_scaler_and_resumes(built_train, built_val, tmp_path, monkeypatch):
+    seen = _spy_precision(monkeypatch)
+    run = tmp_path / "run"
+    runner = CliRunner()
+    result = runner.invoke(main, _train_args(built_train, run, "--amp", "--stop-after", "1"))
+    assert result.exit_code == 0, result.output
+    assert seen == [Precision("cpu", torch.bfloat16)] and cfg.load(run / "config.yaml").train.amp is True
+    assert load_checkpoint(run / "last.pt")["scaler"] == {}  # a disabled scaler has no state
+    result = runner.invoke(main, ["train", "--out", str(run), "--resume", "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert seen[-1] == Precision("cpu", torch.bfloat16)
+    log = pd.read_csv(run / "log.csv")
+    assert log["iteration"].tolist() == [1, 2] and np.isfinite(log["loss"]).all()
+    metrics = evaluate_run(run, built_val, out=tmp_path / "eval", device="cpu", progress=False)  # in the run's bfloat16
+    assert 0 <= metrics["miou"] <= 1
+    # The default on the CPU is float32; --no-amp says so explicitly.
+    result = runner.invoke(main, _train_args(built_train, tmp_path / "off", "--iters", "1"))
+    assert result.exit_code == 0 and seen[-1] == Precision("cpu", None)
+    assert cfg.load(tmp_path / "off" / "config.yaml").train.amp is None
+
+
+def test_float16_with_gradient_scaling_trains_and_resumes_its_scaler(built_train, tmp_path, monkeypatch):
+    """CUDA's setting, run on the CPU: the scaler steps the run's optimisers (SGD and the embeddings' Adam), its
+    state is checkpointed and resumed, and a run saved without a scaler resumes with a fresh one."""
+    _spy_precision(monkeypatch, Precision("cpu", torch.float16))
+    runner = CliRunner()
+    run = tmp_path / "run"
+    result = runner.invoke(main, _train_args(built_train, run, "--stop-after", "1"))
+    assert result.exit_code == 0, result.output
+    scaler = load_checkpoint(run / "last.pt")["scaler"]
+    assert scaler["scale"] > 0 and scaler["_growth_tracker"] in (0, 1)
+    result = runner.invoke(main, ["train", "--out", str(run), "--resume", "--quiet"])
+    assert result.exit_code == 0, result.output
+    state = load_checkpoint(run / "last.pt")
+    assert state["iteration"] == 2 and all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())
+    monkeypatch.undo()
+    plain = tmp_path / "plain"  # float32, saved with an empty scaler state, resumed under float16 and a scaler
+    assert runner.invoke(main, _train_args(built_train, plain, "--stop-after", "1")).exit_code == 0
+    _spy_precision(monkeypatch, Precision("cpu", torch.float16))
+    result = runner.invoke(main, ["train", "--out", str(plain), "--resume", "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert load_checkpoint(plain / "last.pt")["scaler"]["scale"] > 0
