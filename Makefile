@@ -4,7 +4,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 # torch and torchvision are pinned to a known-good pair; override for another CUDA build.
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
-# faiss build: cpu (faiss-cpu) or gpu (faiss-gpu-cu12, CUDA 12, Linux x86_64): `make setup FAISS=gpu`.
+# faiss build: cpu (faiss-cpu) or gpu (faiss-gpu, the official CUDA 12 build for compute capability 7.0 to 9.0,
+# Linux x86_64; docs/gpu.md): `make setup FAISS=gpu`.
 FAISS ?= cpu
 DEMO ?= demo-out
 

@@ -1,7 +1,7 @@
 """Devices and their precision, for `ess` and `bench` alike: the one place a device name becomes a
-torch.device (`pick_device`), `--amp` becomes an autocast context and a loss scaler (`precision`),
-and the code that must compute in float32 under autocast says so (`full_precision`, `float32_forward`,
-`float32_backward`)."""
+torch.device (`pick_device`) and a CUDA device is named (`cuda_ordinal`, `describe_cuda`), `--amp`
+becomes an autocast context and a loss scaler (`precision`), and the code that must compute in float32
+under autocast says so (`full_precision`, `float32_forward`, `float32_backward`)."""
 from __future__ import annotations
 
 import contextlib
@@ -39,6 +39,19 @@ def pick_device(name: str = "auto", local_rank: int | None = None) -> torch.devi
             raise InputError(None, f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) available")
     return device
 
+
+def cuda_ordinal(device: torch.device) -> int:
+    """The ordinal of a CUDA device: its index, or the current device's for a bare `cuda`."""
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+def describe_cuda(ordinal: int) -> str:
+    """`cuda:N (<card>, compute capability X.Y)`, or just `cuda:N` where torch cannot say."""
+    try:
+        major, minor = torch.cuda.get_device_capability(ordinal)
+        return f"cuda:{ordinal} ({torch.cuda.get_device_name(ordinal)}, compute capability {major}.{minor})"
+    except (RuntimeError, AssertionError, ValueError):
+        return f"cuda:{ordinal}"
 
 
 # ----------------------------------------------------------------------------------------------------------
