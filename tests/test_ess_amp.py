@@ -146,7 +146,7 @@ def _step_and_prediction(head, features: torch.Tensor, mask: torch.Tensor, mixed
 
 
 @pytest.mark.parametrize("num_classes", [19, 300, 3000])
-@pytest.mark.parametrize("device", ["cpu"])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
 def test_every_head_variant_trains_and_predicts_under_autocast(device, num_classes):
     """bfloat16 on the CPU, float16 on CUDA (ess.device.precision), against float32."""
     g = torch.Generator().manual_seed(num_classes)
