@@ -2,7 +2,7 @@
 
 Backends (all return int64 indices (N, k), nearest first, on the queries' device):
     torch  exact: chunked matmul + top-k, on whatever device the tensors live on
-    faiss  exact: IndexFlatL2 (GpuIndexFlatL2 when faiss-gpu sees a GPU and the tensors are on CUDA)
+    faiss  exact: IndexFlatL2 (GpuIndexFlatL2 when the tensors are on CUDA and faiss-gpu runs on that GPU)
     ivf    approximate: an inverted file (ess.ivf.IvfSearch)
 `resolve_backend` is the one place that decides what `auto` (and `ivf` where it cannot win) means.
 
