@@ -30,7 +30,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from bench.report import fmt, markdown_table
+from bench.report import markdown_table
 from segkit.io import write_text
 
 ROOT = Path(__file__).resolve().parents[1]
