@@ -4,11 +4,13 @@ VENV := .venv
 BIN := $(VENV)/bin
 # torch and torchvision are pinned to a known-good pair; override for another CUDA build.
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
-# faiss build: cpu (faiss-cpu) or gpu (faiss-gpu-cu12, CUDA 12, Linux x86_64): `make setup FAISS=gpu`.
+# faiss build: cpu (faiss-cpu) or gpu (faiss-gpu, the official CUDA 12 build for compute capability 7.0 to 9.0,
+# Linux x86_64; docs/gpu.md): `make setup FAISS=gpu`.
 FAISS ?= cpu
 DEMO ?= demo-out
+GPU_CHECK ?= gpu-check-out
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench gpu-check clean
 
 setup: $(VENV)/.installed
 
@@ -66,5 +68,15 @@ bench: setup
 	$(BIN)/python -m benchmarks.loss_step
 	$(BIN)/python -m benchmarks.analysis
 
+# On a GPU machine (after `make setup FAISS=gpu`): the CUDA tests, both heads trained under torchrun with mixed
+# precision and evaluated, and the paper timing, in under 8 minutes; all in $(GPU_CHECK)/gpu-report.md
+# (docs/gpu.md). Without a CUDA device it stops with one line and exit status 2.
+gpu-check: setup
+	$(if $(GPU_CHECK_BLOCKER),$(error $(GPU_CHECK_BLOCKER)))
+	$(BIN)/python -m bench.gpu_check --out $(GPU_CHECK)
+
+# Why this machine cannot run gpu-check, or nothing; asked only when that target runs.
+GPU_CHECK_BLOCKER = $(shell $(BIN)/python -m bench.gpu_check --why-not)
+
 clean:
-	rm -rf $(VENV) $(DEMO) .pytest_cache
+	rm -rf $(VENV) $(DEMO) $(GPU_CHECK) .pytest_cache

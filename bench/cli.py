@@ -102,7 +102,7 @@ def _size(ctx, param, value):
 @main.command()
 @click.option("--preset", type=click.Choice(["cpu", "paper"]), default="cpu", show_default=True,
               help="cpu: resnet18, 128x128, batch 2, C = 19,150,1284,10000 (a few minutes on 2 cores). "
-                   "paper: the published set-up, resnet50, 19 classes at 1024x2048, 150 and 1284 at 512x512.")
+                   "paper: the published set-up, resnet50, 19 classes at 1024x2048, 150, 1284 and 10000 at 512x512.")
 @click.option("--classes", callback=_class_counts, default=None,
               help="Comma-separated class counts C, overriding the preset's, e.g. 19,150,1284,20000.")
 @click.option("--size", callback=_size, default=None,
@@ -121,7 +121,8 @@ def _size(ctx, param, value):
               help="Untimed iterations before timing (preset: cpu 2, paper 3).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="auto: CUDA when available, else CPU.")
-@click.option("--amp", is_flag=True, help="Mixed precision on CUDA: float16 autocast and gradient scaling.")
+@click.option("--amp", is_flag=True, help="Mixed precision: float16 autocast and gradient scaling on CUDA, "
+                                          "bfloat16 autocast on the CPU [default: float32].")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="CPU threads torch may use in each measurement [default: torch's own choice].")
 @click.option("--rounds", type=click.IntRange(min=1), default=1, show_default=True,

@@ -68,9 +68,11 @@ PRESETS = {
     # Small enough for a few minutes on 2 CPU cores, wide enough in C to show the trend.
     "cpu": dict(encoder="resnet18", batch=2, repeats=5, warmup=2,
                 setups=(Setup(19, (128, 128)), Setup(150, (128, 128)), Setup(1284, (128, 128)), Setup(10000, (128, 128)))),
-    # The published set-up: ResNet-50 DeepLabV3+, Cityscapes at full resolution, the others at 512x512.
+    # The published set-up: ResNet-50 DeepLabV3+, Cityscapes at full resolution, the others at 512x512; and
+    # 10000 classes, where the softmax head's full-resolution logits alone take 2 x 10000 x 512 x 512 floats.
     "paper": dict(encoder="resnet50", batch=2, repeats=10, warmup=3,
-                  setups=(Setup(19, (1024, 2048)), Setup(150, (512, 512)), Setup(1284, (512, 512)))),
+                  setups=(Setup(19, (1024, 2048)), Setup(150, (512, 512)), Setup(1284, (512, 512)),
+                          Setup(10000, (512, 512)))),
 }
 
 
@@ -83,10 +85,6 @@ def timing_plan(preset: str = "cpu", *, classes: list[int] | None = None, size: 
     from ess.device import pick_device
 
     device = pick_device(device).type  # the timed device is the current one of its type
-    if amp and device != "cuda":
-        from segkit.io import InputError
-
-        raise InputError(None, "--amp: mixed precision is timed on CUDA only, and no CUDA device is in use")
     setups = p["setups"]
     if classes is not None:
         sizes = {s.num_classes: s.size for s in setups}
@@ -122,6 +120,7 @@ def measure(head: str, num_classes: int, phase: str, plan: TimingPlan) -> dict:
 
     from statistics import median
 
+    from ess.device import precision
     from ess.measure import PeakMemory, time_calls
     from ess.model import Segmenter
 
@@ -129,12 +128,12 @@ def measure(head: str, num_classes: int, phase: str, plan: TimingPlan) -> dict:
         torch.set_num_threads(plan.threads)
     torch.manual_seed(0)
     device = torch.device(plan.device)
-    cuda = device.type == "cuda"
+    mixed = precision(device, plan.amp)
     size = next(s.size for s in plan.setups if s.num_classes == num_classes)
     model = Segmenter.from_args(ModelArgs(**{"num_classes": num_classes, "encoder": plan.encoder,
                                               **plan.head_options, **VARIANTS[head].model_options})).to(device)
     x, mask = synthetic_batch(num_classes, size, plan.batch, device)
-    autocast = torch.autocast(device.type, dtype=torch.float16, enabled=plan.amp and cuda)
+    autocast = mixed.autocast()
 
     if phase == "inference":
         model.eval()
@@ -145,7 +144,7 @@ def measure(head: str, num_classes: int, phase: str, plan: TimingPlan) -> dict:
     else:
         model.train()
         optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
-        scaler = torch.amp.GradScaler(device.type, enabled=plan.amp and cuda)
+        scaler = mixed.grad_scaler()
 
         def step():
             optimizer.zero_grad(set_to_none=True)
@@ -296,6 +295,8 @@ def ratios(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def timing_summary(table: pd.DataFrame, plan: TimingPlan, env: dict[str, str], out: Path) -> str:
+    from ess.device import precision
+
     cpu = plan.device == "cpu"
     mem_note = ("CPU: the measuring process's peak resident set size (Linux VmHWM reset after the model and inputs "
                 "were built, elsewhere getrusage ru_maxrss; includes the Python interpreter, torch and the model), and "
@@ -320,7 +321,7 @@ def timing_summary(table: pd.DataFrame, plan: TimingPlan, env: dict[str, str], o
         f"{plan.head_options.get('embed_dim', ModelArgs.embed_dim)}, "
         f"batch {plan.batch}, {plan.warmup} warm-up and {plan.repeats} timed iterations, median reported"
         + (f"; {plan.rounds} rounds of every measurement, interleaved, median of the rounds" if plan.rounds > 1 else "")
-        + (", mixed precision (float16 autocast)" if plan.amp and not cpu else ", float32"),
+        + f", {precision(plan.device, plan.amp).describe()}",
         "- inference: forward pass and prediction (argmax / nearest class embedding) under inference mode, "
         "seconds per image = seconds per batch / batch; training: forward, loss, backward and an SGD step, "
         "seconds per iteration. Model set-up excluded. Inputs are synthetic: random images and masks of "

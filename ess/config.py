@@ -136,7 +136,9 @@ class TrainConfig:
     embed_lr_mult: float = option(1.0, "Class-embedding LR as a multiple of --lr.", low=0, low_open=True)
     min_lr: float = option(0.0, "Floor of every group's polynomial LR decay (the published code's MultiPolyLR: "
                                 "1e-6).", low=0)
-    amp: bool = option(True, "Mixed precision on CUDA (no effect on CPU).")
+    amp: bool | None = option(None, "Mixed precision: float16 autocast with gradient scaling on CUDA, bfloat16 "
+                                    "autocast on the CPU; the losses compute in float32 [default: on for CUDA, "
+                                    "off for the CPU].")
     sync_bn: bool = option(False, "BatchNorm statistics over the global batch (SyncBatchNorm) under torchrun "
                                   "on CUDA; no effect in one process.")
     # augmentation and evaluation

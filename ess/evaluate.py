@@ -25,6 +25,7 @@ from cocolvis.dataset import BuiltDataset, mask_name
 from segkit.io import InputError, atomic_open, atomic_path, write_json
 from segkit.signals import ignore_stop_signals
 from ess.data import EvalSamples
+from ess.device import precision
 from ess import distributed
 from ess.metrics import ConfusionMatrix, compute_metrics
 from ess.memory import check_eval_memory
@@ -50,10 +51,11 @@ def write_rgb_png(path: Path, rgb: np.ndarray) -> None:
 
 
 @torch.no_grad()
-def evaluate_model(model, dataset: BuiltDataset, device: torch.device, crop: int | None = None, amp: bool = False,
+def evaluate_model(model, dataset: BuiltDataset, device: torch.device, crop: int | None = None, amp: bool | None = False,
                    predictions_dir: Path | None = None, progress: bool = True, workers: int = 0) -> dict:
     """Run the model over every image of `dataset` (whole images, or centre crops of `crop`).
 
+    `amp` is a run's --amp setting (ess.device.precision; None: on for CUDA, off for the CPU).
     Returns compute_metrics() of the confusion matrix, plus "confusion" and "gt_images".
     Under torchrun each rank takes its share of the images and the results are of all of them.
     """
@@ -65,7 +67,7 @@ def evaluate_model(model, dataset: BuiltDataset, device: torch.device, crop: int
     loader = torch.utils.data.DataLoader(shard, batch_size=1, num_workers=workers, worker_init_fn=ignore_stop_signals)
     show = progress and distributed.is_main()
     for image, mask, image_id in tqdm(loader, desc="eval", unit="img", disable=not show, dynamic_ncols=True):
-        with torch.autocast(device.type, dtype=torch.float16, enabled=amp and device.type == "cuda"):
+        with precision(device, amp).autocast():
             output = model(image.to(device))
         pred = model.predict(output)
         confusion.update(pred, mask.to(device))

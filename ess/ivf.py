@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ess.device import full_precision
 from ess.knn import (faiss_available, faiss_gpu_resources, faiss_uses_gpu, gpu_ordinal, knn_torch, require_faiss,
                      search)
 
@@ -184,6 +185,7 @@ class IvfSearch:
         _, idx = self._index.search(_padded(queries, self._index.d), k)
         return torch.from_numpy(idx).to(device=queries.device, dtype=torch.int64)
 
+    @full_precision()
     def _search_torch(self, queries: torch.Tensor, base: torch.Tensor, k: int) -> torch.Tensor:
         """Per cell: the queries probing it against its classes; then the best k of the probed cells' bests."""
         order, starts, counts = self._cells

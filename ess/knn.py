@@ -2,19 +2,26 @@
 
 Backends (all return int64 indices (N, k), nearest first, on the queries' device):
     torch  exact: chunked matmul + top-k, on whatever device the tensors live on
-    faiss  exact: IndexFlatL2 (GpuIndexFlatL2 when faiss-gpu sees a GPU and the tensors are on CUDA)
+    faiss  exact: IndexFlatL2 (GpuIndexFlatL2 when the tensors are on CUDA and faiss-gpu runs on that GPU)
     ivf    approximate: an inverted file (ess.ivf.IvfSearch)
 `resolve_backend` is the one place that decides what `auto` (and `ivf` where it cannot win) means.
 
 The exact backends search without gradient and bound their memory by the chunk size, never
-by queries x classes: the ESS loss recomputes the distances it needs with gradient.
-faiss is optional (`pip install -e '.[cpu]'` or `'.[gpu]'`); without it auto means torch.
+by queries x classes: the ESS loss recomputes the distances it needs with gradient. They rank
+in float32 under autocast too (the torch search runs with autocast off; faiss takes float32).
+faiss is optional (`pip install -e '.[cpu]'` or `'.[gpu]'`); without it auto means torch. A faiss-gpu
+build carries kernels for some GPUs only (docs/gpu.md): before its first use on a CUDA device a child
+process searches a tiny index there (`faiss_gpu_runs`), and where that fails auto searches with torch.
 """
 from __future__ import annotations
 
 import functools
+import subprocess
+import sys
 
 import torch
+
+from ess.device import cuda_ordinal, describe_cuda, full_precision
 
 # Below this class count `auto` searches with torch, on any device: a flat search of so few classes is one
 # small matmul, and the ESS loss then takes its dense path (ess.losses.DENSE_MAX_CLASSES). From here, on the
@@ -45,10 +52,56 @@ def require_faiss():
 
 
 def faiss_uses_gpu(device: torch.device) -> bool:
-    """True when faiss-gpu is installed, sees a GPU, and the data lives on CUDA."""
+    """True when the data lives on CUDA and faiss-gpu is installed, sees a GPU and runs on this one."""
     faiss = faiss_module()
     return (faiss is not None and device.type == "cuda" and hasattr(faiss, "StandardGpuResources")
-            and faiss.get_num_gpus() > 0)
+            and faiss.get_num_gpus() > 0 and faiss_gpu_runs(cuda_ordinal(device)))
+
+
+# A search of four points on one GPU by faiss alone, in a child process: faiss reports a failed CUDA call (such
+# as "no kernel image is available for execution on the device", from a build without kernels for the card)
+# by aborting the process, which no exception handler survives. Prints the nearest point of each query.
+FAISS_GPU_PROBE = """
+import sys
+import numpy as np
+import faiss
+config = faiss.GpuIndexFlatConfig()
+config.device = int(sys.argv[1])
+index = faiss.GpuIndexFlatL2(faiss.StandardGpuResources(), 4, config)
+points = np.eye(4, dtype=np.float32)
+index.add(points)
+print(*index.search(np.ascontiguousarray(points[::-1]), 1)[1].reshape(-1).tolist())
+"""
+FAISS_GPU_PROBE_SECONDS = 300  # a card newer than the build's kernels JIT-compiles their PTX on first use
+
+
+@functools.lru_cache(maxsize=None)
+def faiss_gpu_runs(ordinal: int) -> bool:
+    """Whether faiss-gpu searches correctly on CUDA device `ordinal`: checked once per device and process,
+    before faiss's first use there. Where it does not, one warning line, and False: `auto` then searches with
+    torch, and an explicit `faiss` search copies to faiss's CPU index."""
+    problem = faiss_gpu_problem(ordinal)
+    if problem is None:
+        return True
+    version = getattr(faiss_module(), "__version__", "?")
+    print(f"Warning: faiss {version} cannot search on {describe_cuda(ordinal)}: {problem}; searching with torch "
+          "instead (docs/gpu.md: which faiss build serves which card)", file=sys.stderr)
+    return False
+
+
+def faiss_gpu_problem(ordinal: int) -> str | None:
+    """None when FAISS_GPU_PROBE finds the right neighbours on CUDA device `ordinal`, else why not, in one line."""
+    try:
+        result = subprocess.run([sys.executable, "-c", FAISS_GPU_PROBE, str(ordinal)], capture_output=True,
+                                text=True, timeout=FAISS_GPU_PROBE_SECONDS)
+    except subprocess.TimeoutExpired:
+        return f"its test search did not finish in {FAISS_GPU_PROBE_SECONDS} s"
+    found = result.stdout.split()
+    if result.returncode == 0:
+        return None if found == ["3", "2", "1", "0"] else f"its test search found {found}, not ['3', '2', '1', '0']"
+    said = [line.strip() for line in result.stderr.splitlines() if line.strip()]
+    # faiss's assertion or Python's exception: the last line it wrote
+    return " ".join(said[-1].split())[-300:] if said else f"its test search ended with exit status {result.returncode}"
 
 
 def resolve_backend(knn: str, device: torch.device, num_classes: int, ivf=None) -> str:
@@ -76,6 +129,7 @@ def rows_per_block(chunk: int, row_size: int) -> int:
 
 
 @torch.no_grad()
+@full_precision()
 def knn_torch(queries: torch.Tensor, base: torch.Tensor, k: int, chunk: int) -> torch.Tensor:
     """Indices (N, k) of the k nearest rows of `base` (C, d) to each row of `queries` (N, d), nearest first."""
     queries = queries.detach().float()
@@ -104,7 +158,7 @@ def gpu_ordinal(device: torch.device) -> int:
     """The CUDA ordinal of `device`; also lets faiss GPU indexes take CUDA tensors directly."""
     import faiss.contrib.torch_utils  # noqa: F401
 
-    return device.index if device.index is not None else torch.cuda.current_device()
+    return cuda_ordinal(device)
 
 
 @torch.no_grad()

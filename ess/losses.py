@@ -8,6 +8,11 @@ With a knn stride s > 1 the search runs once per block of s pixels (1x2, 2x2 or 
 columns), for the block's mean embedding, and the block's pixels share its k+1 nearest
 classes; each pixel drops its own target from them (or the farthest when its target is not
 among them), so every pixel's loss stays a cross-entropy over its target and k other classes.
+
+Under autocast (mixed precision) both losses compute in float32 whatever the autocast dtype: the
+custom autograd Functions cast their inputs to float32 and run forward and backward with autocast
+off (ess.device.float32_forward / float32_backward), and the searches and close pairs that pick the
+negatives and the regulariser's pairs do the same (ess.knn, ess.pairs).
 """
 from __future__ import annotations
 
@@ -15,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ess.config import STRIDE_BLOCKS
+from ess.device import float32_backward, float32_forward, full_precision
 from ess.ivf import IvfSearch
 from ess.knn import drop_excluded, knn_excluding, resolve_backend, rows_per_block, search
 from ess.pairs import close_pairs
@@ -112,6 +118,7 @@ class _NearestNegativesCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
+    @float32_forward
     def forward(ctx, pixels, class_emb, candidates, tau):
         gathered = class_emb.index_select(0, candidates.flatten()).view(*candidates.shape, -1)
         diff = pixels[:, None, :] - gathered  # (P, k+1, d)
@@ -124,6 +131,7 @@ class _NearestNegativesCrossEntropy(torch.autograd.Function):
         return (lse - logits[:, 0]).mean()
 
     @staticmethod
+    @float32_backward
     def backward(ctx, grad):
         diff, dist, live, logits, lse, candidates = ctx.saved_tensors
         g = torch.exp(logits - lse[:, None])  # d CE / d logits = softmax - one-hot(target first)
@@ -156,6 +164,7 @@ class _DenseNearestNegativesCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
+    @float32_forward
     def forward(ctx, pixels, class_emb, target, k, tau, rows):
         n, num_classes = pixels.shape[0], class_emb.shape[0]
         class_sq, class_t = (class_emb * class_emb).sum(1), class_emb.t()
@@ -178,6 +187,7 @@ class _DenseNearestNegativesCrossEntropy(torch.autograd.Function):
         return (lse - logits[:, 0]).mean()
 
     @staticmethod
+    @float32_backward
     def backward(ctx, grad):
         pixels, class_emb, own, candidates, dist, live, logits, lse = ctx.saved_tensors
         g = torch.exp(logits - lse[:, None])
@@ -267,9 +277,11 @@ def _upsample_width(part: torch.Tensor, out_width: int, width: int) -> torch.Ten
     return up.permute(0, 2, 3, 1)[:, :, :width]
 
 
+@full_precision()
 def upsample_rows(low: torch.Tensor, rows: slice, taps_h, size: tuple[int, int], width: int) -> torch.Tensor:
     """Rows `rows` (and the first `width` columns) of the bilinear upsampling to `size` of channels-last
-    `low` (B, h, w, C), as (B, R, width, C)."""
+    `low` (B, h, w, C), as (B, R, width, C); in `low`'s dtype under autocast too (the chunked prediction's
+    argmax compares logits at float32 resolution)."""
     return _upsample_width(_upsample_height(low, rows, taps_h), size[1], width)
 
 
@@ -277,6 +289,7 @@ class _UpsampledCrossEntropy(torch.autograd.Function):
     """Summed cross-entropy of upsampled logits, rows at a time; backward recomputes each block."""
 
     @staticmethod
+    @float32_forward
     def forward(ctx, low, target, size, rows_per_block):
         low_cl = low.float().permute(0, 2, 3, 1).contiguous()  # (B, h, w, C): one pixel's scores side by side
         taps_h = bilinear_taps(low.shape[2], size[0], low.device)
@@ -294,6 +307,7 @@ class _UpsampledCrossEntropy(torch.autograd.Function):
         return total
 
     @staticmethod
+    @float32_backward
     def backward(ctx, grad_total):
         low_cl, target = ctx.saved_tensors
         taps_h = bilinear_taps(low_cl.shape[1], ctx.size[0], low_cl.device)

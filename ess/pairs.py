@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ess.device import full_precision
 from ess.knn import rows_per_block
 
 # Elements of a block that a few passes of elementwise work read from a core's cache rather than from
@@ -12,6 +13,7 @@ CACHE_BLOCK = 1 << 18
 
 
 @torch.no_grad()
+@full_precision()
 def close_pairs(base: torch.Tensor, radius: float, chunk: int,
                 cells: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The rows of `base` (C, d) whose nearest other row lies closer than `radius`, and that nearest row.
@@ -24,6 +26,7 @@ def close_pairs(base: torch.Tensor, radius: float, chunk: int,
     kept only when it may lie within `radius`, so nothing but the few close pairs outlives its
     cell, and they are decided on exact differences.
     A row with no other row within `radius` is left out, whatever its nearest row is.
+    Computed in float32 with autocast off: the slack below is float32's.
     """
     base = base.detach().float()
     num = base.shape[0]

@@ -16,6 +16,7 @@ from tqdm import tqdm
 from segkit.images import read_image
 from segkit.io import InputError
 from ess.data import to_tensor
+from ess.device import precision
 from ess.evaluate import write_label_png, write_rgb_png
 from ess.memory import check_inference_memory
 from ess.outputs import claim_predictions, prediction_names
@@ -33,7 +34,7 @@ def read_rgb(path: Path, fits: Callable[[int, int], None] | None = None) -> np.n
 def predict_image(run: Run, image, device: torch.device):
     """(H, W) int64 numpy class ids for one RGB uint8 image."""
     x = to_tensor(image)[None].to(device)
-    with torch.autocast(device.type, dtype=torch.float16, enabled=run.config.train.amp and device.type == "cuda"):
+    with precision(device, run.config.train.amp).autocast():
         output = run.model(x)
     return run.model.predict(output)[0].cpu().numpy()
 

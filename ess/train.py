@@ -34,6 +34,7 @@ from ess import distributed
 from ess.checkpoint import load_checkpoint, load_weights, save_checkpoint
 from ess.config import Config, TrainConfig
 from ess.data import TrainSamples, train_loader
+from ess.device import precision
 from ess.evaluate import evaluate_model
 from ess.config import ModelArgs
 from ess.model import PretrainedWeightsError, Segmenter
@@ -184,7 +185,7 @@ def train(config: Config, out: str | Path, resume: bool = False, stop_after: int
 def _train(config: Config, out: Path, device: torch.device, resume: bool, stop_after: int | None,
            progress: bool) -> dict:
     settings, train_set, val_set = open_datasets(config.train)
-    amp = settings.amp and device.type == "cuda"
+    amp = precision(device, settings.amp)
     total = settings.iters
     stop = total if stop_after is None else min(stop_after, total)
     samples = TrainSamples(train_set, settings.crop, (settings.scale_min, settings.scale_max), settings.flip,
@@ -200,7 +201,7 @@ def _train(config: Config, out: Path, device: torch.device, resume: bool, stop_a
     optimizer = make_optimizer(model, settings)
     # Under DDP the scaled gradients are averaged before the scaler unscales them, so every rank
     # finds the same inf/NaN and skips (or takes) the same steps.
-    scaler = torch.amp.GradScaler("cuda", enabled=amp)
+    scaler = amp.grad_scaler()
     start, best_miou, seconds = 0, None, 0.0
     if resume:
         state = load_checkpoint(out / "last.pt", map_location=device)
@@ -209,7 +210,8 @@ def _train(config: Config, out: Path, device: torch.device, resume: bool, stop_a
         optimizer.load_state_dict(state["optimizer"])
         for group, mine in zip(optimizer.param_groups, own):  # this config's LRs etc. win over the saved ones
             group.update(mine)
-        scaler.load_state_dict(state["scaler"])
+        if state["scaler"]:  # empty when saved unscaled (float32, bfloat16): this scaler then starts afresh
+            scaler.load_state_dict(state["scaler"])
         start, best_miou, seconds = state["iteration"], state.get("best_miou"), state.get("seconds", 0.0)
         if start >= stop:
             return {"iteration": start, "best_miou": best_miou, "seconds": seconds}
@@ -238,7 +240,7 @@ def _train(config: Config, out: Path, device: torch.device, resume: bool, stop_a
             torch.manual_seed(step_seed(settings.seed, iteration, distributed.rank()))
             images = images.to(device, non_blocking=True)
             masks = masks.to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
+            with amp.autocast():
                 output = net(images)
             loss = model.loss(output, masks, loss_normalizer(masks))  # in float32, outside autocast
             loss_value = distributed.mean_over_ranks(loss)  # the global batch's loss
@@ -260,7 +262,8 @@ def _train(config: Config, out: Path, device: torch.device, resume: bool, stop_a
                     and not stopping.requested:
                 # Each rank evaluates its share of the images; the metrics are of all of them.
                 with stopping.immediate():
-                    metrics = evaluate_model(model, val_set, device, crop=settings.crop_val, amp=amp, progress=False)
+                    metrics = evaluate_model(model, val_set, device, crop=settings.crop_val, amp=settings.amp,
+                                             progress=False)
                 model.train()
                 miou = metrics["miou"]
                 records.validation(done, metrics)

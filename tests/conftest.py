@@ -68,3 +68,16 @@ def ess_head(in_channels: int, num_classes: int, **args):
     from ess.heads import EssHead
 
     return EssHead(in_channels, num_classes, **ModelArgs(head="ess", **args).head_options())
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `cuda` need a CUDA device: skipped without one (`make gpu-check` runs them on a GPU machine)."""
+    marked = [item for item in items if item.get_closest_marker("cuda")]
+    if not marked:
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs a CUDA device (run by `make gpu-check`)")
+        for item in marked:
+            item.add_marker(skip)

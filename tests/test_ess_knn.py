@@ -64,3 +64,97 @@ def test_excluding_with_fewer_classes_than_k():
     assert set(np.unique(got.numpy())) <= {1, 2}
     assert knn_excluding(torch.randn(10, 4), base[:1], torch.zeros(10, dtype=torch.long), 7, "auto", CHUNK).shape == (10, 0)
 
+
+
+# --- faiss-gpu on a card it has no kernels for ------------------------------------------------
+
+FAKE_FAISS = '''
+"""A stand-in faiss-gpu whose GPU search does what FAKE_FAISS says: works, aborts as faiss does on a failed
+CUDA call, or returns wrong neighbours."""
+import os
+import sys
+
+import numpy as np
+
+__version__ = "0.0-fake"
+BEHAVIOUR = os.environ.get("FAKE_FAISS", "works")
+
+
+class StandardGpuResources:
+    pass
+
+
+class GpuIndexFlatConfig:
+    device = 0
+
+
+def get_num_gpus():
+    return 1
+
+
+class GpuIndexFlatL2:
+    def __init__(self, resources, d, config):
+        self.points = np.zeros((0, d), dtype=np.float32)
+
+    def add(self, points):
+        self.points = np.asarray(points)
+
+    def search(self, queries, k):
+        if BEHAVIOUR == "abort":
+            sys.stderr.write("Faiss assertion 'err__ == cudaSuccess' failed in void faiss::gpu::runL2Norm() at "
+                             "L2Norm.cu:262; details: CUDA error 209 no kernel image is available for execution "
+                             "on the device\\n")
+            sys.stderr.flush()
+            os.abort()
+        d = ((np.asarray(queries)[:, None] - self.points[None]) ** 2).sum(-1)
+        idx = np.argsort(d, axis=1)[:, :k]
+        return np.take_along_axis(d, idx, 1), np.zeros_like(idx) if BEHAVIOUR == "wrong" else idx
+'''
+
+
+@pytest.fixture
+def fake_faiss_gpu(tmp_path, monkeypatch):
+    """Install the stand-in for this process (ess.knn.faiss_module) and for the probe's child (PYTHONPATH);
+    returns a function that sets its behaviour."""
+    import importlib.util
+    import os
+
+    from ess import knn
+
+    (tmp_path / "faiss").mkdir()
+    (tmp_path / "faiss" / "__init__.py").write_text(FAKE_FAISS)
+    spec = importlib.util.spec_from_file_location("fake_faiss", tmp_path / "faiss" / "__init__.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(knn, "faiss_module", lambda: module)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
+    knn.faiss_gpu_runs.cache_clear()
+    yield lambda behaviour: monkeypatch.setenv("FAKE_FAISS", behaviour)
+    knn.faiss_gpu_runs.cache_clear()
+
+
+@pytest.mark.parametrize("behaviour,reason", [("abort", "CUDA error 209 no kernel image is available"),
+                                              ("wrong", "its test search found ['0', '0', '0', '0']")])
+def test_faiss_gpu_that_cannot_search_on_the_card_falls_back_to_torch_with_one_warning(
+        fake_faiss_gpu, capsys, behaviour, reason):
+    from ess.ivf import ivf_uses_faiss
+    from ess.knn import faiss_uses_gpu, resolve_backend
+
+    fake_faiss_gpu(behaviour)
+    cuda = torch.device("cuda", 0)
+    assert not faiss_uses_gpu(cuda)
+    assert resolve_backend("auto", cuda, 10000) == "torch" and not ivf_uses_faiss(cuda)
+    assert resolve_backend("auto", torch.device("cuda", 0), 5000) == "torch"
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1, lines  # checked once per device, said once
+    assert lines[0].startswith("Warning: faiss 0.0-fake cannot search on cuda:0") and reason in lines[0]
+    assert lines[0].endswith("searching with torch instead (docs/gpu.md: which faiss build serves which card)")
+
+
+def test_faiss_gpu_that_searches_right_is_used_on_cuda_only(fake_faiss_gpu, capsys):
+    from ess.knn import faiss_uses_gpu, resolve_backend
+
+    fake_faiss_gpu("works")
+    assert faiss_uses_gpu(torch.device("cuda", 0)) and resolve_backend("auto", torch.device("cuda", 0), 10000) == "faiss"
+    assert not faiss_uses_gpu(torch.device("cpu"))
+    assert capsys.readouterr().err == ""
