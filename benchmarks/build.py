@@ -294,22 +294,13 @@ def report(fig: dict, workers: int) -> str:
     return "\n".join(lines)
 
 
-def write_full_scale(out: Path, images: int = 100_000, instances: int = 1_270_000, size=(480, 640),
-                     seed: int = 0) -> dict:
-    """LVIS-train-sized annotation files, fast: `images` LVIS v1 images with `instances` polygon
-    instances (about 1 GB of JSON at the defaults) and a COCO-Stuff file of the same images
-    with 8 RLE stuff regions each.
-
-    The geometry comes from a few hundred pre-formatted polygons and stuff partitions,
-    reused with new ids, so writing is string joining; the files are in the real formats.
-    """
+def _geometry(rng: np.random.Generator, h: int, w: int) -> tuple[list, list]:
+    """512 pre-formatted polygons of 40-60 vertices (about LVIS's average) with their areas, and 64 partitions of
+    the image into 8 stuff regions as JSON RLE counts."""
     from cocolvis.synth import stuff_regions
-    from cocolvis.vocab import DEFAULT_LVIS, STUFF_CATEGORIES, read_lvis_categories
 
-    rng = np.random.default_rng(seed)
-    h, w = size
     polygons = []
-    for _ in range(512):  # 40-60 vertices, about LVIS's average
+    for _ in range(512):
         n = int(rng.integers(40, 61))
         cx, cy, r = rng.uniform(50, w - 50), rng.uniform(50, h - 50), rng.uniform(10, 45)
         angles = np.sort(rng.uniform(0, 2 * np.pi, n))
@@ -321,6 +312,23 @@ def write_full_scale(out: Path, images: int = 100_000, instances: int = 1_270_00
         cells = stuff_regions(rng, h, w, 8)
         partitions.append([json.dumps(mask_utils.encode(np.asfortranarray((cells == k).astype(np.uint8)))["counts"]
                                       .decode()) for k in range(8)])
+    return polygons, partitions
+
+
+def write_full_scale(out: Path, images: int = 100_000, instances: int = 1_270_000, size=(480, 640),
+                     seed: int = 0) -> dict:
+    """LVIS-train-sized annotation files, fast: `images` LVIS v1 images with `instances` polygon
+    instances (about 1 GB of JSON at the defaults) and a COCO-Stuff file of the same images
+    with 8 RLE stuff regions each.
+
+    The geometry comes from a few hundred pre-formatted polygons and stuff partitions,
+    reused with new ids, so writing is string joining; the files are in the real formats.
+    """
+    from cocolvis.vocab import DEFAULT_LVIS, STUFF_CATEGORIES, read_lvis_categories
+
+    rng = np.random.default_rng(seed)
+    h, w = size
+    polygons, partitions = _geometry(rng, h, w)
     lvis_cats = read_lvis_categories(DEFAULT_LVIS)
     stuff_cats = json.loads(Path(STUFF_CATEGORIES).read_text())
     stuff_ids = [c["id"] for c in stuff_cats if 92 <= c["id"] <= 182]

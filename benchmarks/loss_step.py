@@ -252,20 +252,34 @@ def main(classes, size, heads, repeats, rounds, max_gb, knn, no_knn_table, json_
         head, c = measure.split(":")
         click.echo(json.dumps(measure_step(head, int(c), batch, height, width, repeats, knn, memory)))
         return
-    import torch
-
     head_names = [h.strip() for h in heads.split(",") if h.strip()]
     unknown = [h for h in head_names if h not in ROWS]
     if unknown:
         raise click.UsageError(f"--heads: unknown row {unknown[0]!r}; expected any of {', '.join(ROWS)}")
     limit = max_gb * 1e9 if max_gb is not None else available_bytes() - 2e9
+    results = loss_steps(counts, head_names, (batch, height, width), repeats, rounds, knn, limit)
+    print_ratios(results, counts)
+    knn_rows, search_rows = ([], []) if no_knn_table else search_tables(counts, batch, height, width, repeats)
+    if json_out:
+        from segkit.io import write_json
+
+        write_json(json_out, {"size": [batch, height, width], "loss_steps": results, "knn": knn_rows,
+                              "search": search_rows})
+
+
+def loss_steps(counts: list[int], head_names: list[str], size: tuple[int, int, int], repeats: int, rounds: int,
+               knn: str, limit: float) -> list[dict]:
+    """Every (C, row) measured in fresh processes, its time the median over `rounds` interleaved rounds; printed."""
+    import torch
+
+    batch, height, width = size
     click.echo(f"One training step (forward + backward) of the loss alone, labels {batch} x {height} x {width}, "
                f"d={EMBED_DIM}, k={K}, {torch.get_num_threads()} threads, kNN backend {knn}")
     click.echo(f"Seconds: median of {repeats} steps{f' and of {rounds} interleaved rounds' if rounds > 1 else ''}; peak "
                f"memory: extra resident memory of one step; fresh processes; skip above {limit / 1e9:.1f} GB predicted.")
 
     def child(head, c, memory):
-        return run_child(head, c, (batch, height, width), repeats, knn, memory)
+        return run_child(head, c, size, repeats, knn, memory)
 
     need = {(head, c): predicted_bytes(head, c, batch, height, width) for c in counts for head in head_names}
     fits = [key for key, n in need.items() if n <= limit]
@@ -287,7 +301,11 @@ def main(classes, size, heads, repeats, rounds, max_gb, knn, no_knn_table, json_
             results.append(row)
             note = row.get("skipped") or row.get("error") or ""
             click.echo(f"{head:<16} {c:>7} {_fmt_s(row)} {_fmt_mb(row)}  {note}")
+    return results
 
+
+def print_ratios(results: list[dict], counts: list[int]) -> None:
+    """Time and memory ratios of the row pairs per C, and whether ESS's peak memory stays flat in C."""
     def value(key, head, c):
         return next((r[key] for r in results if r["head"] == head and r["classes"] == c and key in r), None)
 
@@ -313,38 +331,35 @@ def main(classes, size, heads, repeats, rounds, max_gb, knn, no_knn_table, json_
             path = "dense path" if base <= DENSE_MAX_CLASSES else "gather path"
             click.echo(f"  ESS peak at C={hi} is {growth:.2f}x its peak at C={base} ({path}): {verdict} the 1.2x target")
 
-    knn_rows, search_rows = [], []
-    if not no_knn_table:
-        queries = batch * height * width
-        click.echo("")
-        click.echo(f"kNN search: {queries} queries among C classes, d={EMBED_DIM}, k={K + 1}, best of {repeats}")
-        click.echo(f"{'classes':>7} {'torch s':>8} {'faiss s':>8} {'faiss/torch':>11} {'same':>6}")
-        knn_rows = knn_table(counts, queries, repeats) if faiss_available() else []
-        if not knn_rows:
-            click.echo("  (faiss is not installed: nothing to compare)")
-        for r in knn_rows:
-            click.echo(f"{r['classes']:>7} {r['torch']:8.3f} {r['faiss']:8.3f} {r['faiss'] / r['torch']:11.2f} "
-                       f"{r['same']:6.1%}")
-        click.echo("")
-        click.echo(f"Negatives of {queries} pixels, k={K}: exact search (auto backend) against one search per block "
-                   "(stride) and IVF. differ: share of pixels whose negatives are not their own exact k nearest; "
-                   "recall: share of the exact k negatives found; s: search seconds (IVF: search only; build: its "
-                   "first clustering, redone every ivf_rebuild_every steps).")
-        click.echo(f"{'classes':>7} {'exact s':>8} {'s2 differ':>9} {'s4 s':>7} {'s4 differ':>9} {'s4 recall':>9} {'s8 differ':>9} "
-                   f"{'nlist/probe':>11} {'build s':>7} {'ivf s':>7} {'recall':>7} {'s4+ivf s':>8} {'recall':>7} "
-                   f"{'exact/(s4+ivf)':>14}")
-        search_rows = search_table(counts, batch, height, width, repeats)
-        for r in search_rows:
-            cells = "exact" if r["ivf_exact"] else f"{r['nlist']}/{r['nprobe']}"
-            click.echo(f"{r['classes']:>7} {r['exact_s']:8.3f} {r['stride2_differ']:9.1%} {r['stride4_s']:7.3f} "
-                       f"{r['stride4_differ']:9.1%} {r['stride4_recall']:9.1%} {r['stride8_differ']:9.1%} {cells:>11} {r['ivf_build_s']:7.3f} "
-                       f"{r['ivf_s']:7.3f} {r['ivf_recall']:7.2%} {r['stride4_ivf_s']:8.3f} "
-                       f"{r['stride4_ivf_recall']:7.2%} {r['exact_s'] / r['stride4_ivf_s']:13.1f}x")
-    if json_out:
-        from segkit.io import write_json
 
-        write_json(json_out, {"size": [batch, height, width], "loss_steps": results, "knn": knn_rows,
-                              "search": search_rows})
+def search_tables(counts: list[int], batch: int, height: int, width: int, repeats: int) -> tuple[list, list]:
+    """The kNN backends compared, and what stride and IVF change in the negatives; printed and returned."""
+    queries = batch * height * width
+    click.echo("")
+    click.echo(f"kNN search: {queries} queries among C classes, d={EMBED_DIM}, k={K + 1}, best of {repeats}")
+    click.echo(f"{'classes':>7} {'torch s':>8} {'faiss s':>8} {'faiss/torch':>11} {'same':>6}")
+    knn_rows = knn_table(counts, queries, repeats) if faiss_available() else []
+    if not knn_rows:
+        click.echo("  (faiss is not installed: nothing to compare)")
+    for r in knn_rows:
+        click.echo(f"{r['classes']:>7} {r['torch']:8.3f} {r['faiss']:8.3f} {r['faiss'] / r['torch']:11.2f} "
+                   f"{r['same']:6.1%}")
+    click.echo("")
+    click.echo(f"Negatives of {queries} pixels, k={K}: exact search (auto backend) against one search per block "
+               "(stride) and IVF. differ: share of pixels whose negatives are not their own exact k nearest; "
+               "recall: share of the exact k negatives found; s: search seconds (IVF: search only; build: its "
+               "first clustering, redone every ivf_rebuild_every steps).")
+    click.echo(f"{'classes':>7} {'exact s':>8} {'s2 differ':>9} {'s4 s':>7} {'s4 differ':>9} {'s4 recall':>9} {'s8 differ':>9} "
+               f"{'nlist/probe':>11} {'build s':>7} {'ivf s':>7} {'recall':>7} {'s4+ivf s':>8} {'recall':>7} "
+               f"{'exact/(s4+ivf)':>14}")
+    search_rows = search_table(counts, batch, height, width, repeats)
+    for r in search_rows:
+        cells = "exact" if r["ivf_exact"] else f"{r['nlist']}/{r['nprobe']}"
+        click.echo(f"{r['classes']:>7} {r['exact_s']:8.3f} {r['stride2_differ']:9.1%} {r['stride4_s']:7.3f} "
+                   f"{r['stride4_differ']:9.1%} {r['stride4_recall']:9.1%} {r['stride8_differ']:9.1%} {cells:>11} {r['ivf_build_s']:7.3f} "
+                   f"{r['ivf_s']:7.3f} {r['ivf_recall']:7.2%} {r['stride4_ivf_s']:8.3f} "
+                   f"{r['stride4_ivf_recall']:7.2%} {r['exact_s'] / r['stride4_ivf_s']:13.1f}x")
+    return knn_rows, search_rows
 
 
 if __name__ == "__main__":

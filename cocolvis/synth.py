@@ -222,21 +222,31 @@ def write_synthetic(out, train: int = 200, val: int = 50, size: tuple[int, int] 
                 if not cv2.imwrite(str(tmp), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 92]):
                     raise InputError(target, "could not write the image")
 
-    ann_dir = out / "annotations"
+    paths = {**_write_stuff_files(out / "annotations", coco, stuff_anns, stuff_categories, seed),
+             **_write_lvis_files(out / "annotations", lvis_imgs, lvis_anns, lvis_categories, seed)}
+    return {"out": str(out), "train": train, "val": val, "val_from_train2017": from_train, "size": [h, w],
+            "seed": seed, **{k: str(v) for k, v in paths.items()}}
+
+
+def _write_stuff_files(ann_dir: Path, images: dict, annotations: dict, categories: list, seed: int) -> dict:
+    """annotations/stuff_<split>.json for each COCO split; returns {"stuff_<split>": path}."""
     paths = {}
-    for cs in coco:
+    for cs in images:
         paths[f"stuff_{cs}"] = ann_dir / f"stuff_{cs}.json"
         _dump(paths[f"stuff_{cs}"], {
             "info": {"description": "Synthetic COCO-Stuff stuff annotations (cocolvis synth)", "version": "1.0",
                      "year": 2017, "seed": seed},
-            "images": coco[cs], "licenses": LICENSES, "categories": stuff_categories,
-            "annotations": stuff_anns[cs]})
-    for ls in lvis_imgs:
+            "images": images[cs], "licenses": LICENSES, "categories": categories, "annotations": annotations[cs]})
+    return paths
+
+
+def _write_lvis_files(ann_dir: Path, images: dict, annotations: dict, categories: list, seed: int) -> dict:
+    """annotations/lvis_v1_<split>.json for train and val; returns {"lvis_v1_<split>": path}."""
+    paths = {}
+    for ls in images:
         paths[f"lvis_v1_{ls}"] = ann_dir / f"lvis_v1_{ls}.json"
         _dump(paths[f"lvis_v1_{ls}"], {
             "info": {"description": "Synthetic LVIS v1 annotations (cocolvis synth)", "version": "1.0",
                      "year": 2019, "seed": seed},
-            "licenses": LICENSES, "images": lvis_imgs[ls], "annotations": lvis_anns[ls],
-            "categories": lvis_categories})
-    return {"out": str(out), "train": train, "val": val, "val_from_train2017": from_train, "size": [h, w],
-            "seed": seed, **{k: str(v) for k, v in paths.items()}}
+            "licenses": LICENSES, "images": images[ls], "annotations": annotations[ls], "categories": categories})
+    return paths

@@ -32,11 +32,10 @@ from segkit.io import InputError, atomic_open, write_json
 from ess import config as cfg
 from ess import distributed
 from ess.checkpoint import load_checkpoint, load_weights, save_checkpoint
-from ess.config import Config, TrainConfig
+from ess.config import Config, ModelArgs, TrainConfig
 from ess.data import TrainSamples, train_loader
 from ess.device import precision
 from ess.evaluate import evaluate_model
-from ess.config import ModelArgs
 from ess.model import PretrainedWeightsError, Segmenter
 from ess.memory import check_training_memory
 from ess.optim import make_optimizer, set_lr
@@ -182,6 +181,60 @@ def train(config: Config, out: str | Path, resume: bool = False, stop_after: int
             return _train(config, out, device, resume, stop_after, progress)
 
 
+@dataclasses.dataclass
+class State:
+    """What a run carries from iteration to iteration, and what last.pt saves and --resume restores."""
+    model: Segmenter
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    iteration: int = 0
+    best_miou: float | None = None
+    seconds: float = 0.0
+
+    def save(self, path: Path, config: Config) -> None:
+        if distributed.is_main():
+            save_checkpoint(path, {"iteration": self.iteration, "model_args": dataclasses.asdict(self.model.args),
+                                   "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                                   "scaler": self.scaler.state_dict(), "config": config.to_dict(),
+                                   "best_miou": self.best_miou, "seconds": self.seconds})
+
+    def restore(self, path: Path, device: torch.device) -> None:
+        """Weights, optimiser (with this configuration's LRs and the like), scaler and counters of `path`."""
+        state = load_checkpoint(path, map_location=device)
+        load_weights(self.model, state, path)
+        own = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
+        self.optimizer.load_state_dict(state["optimizer"])
+        for group, mine in zip(self.optimizer.param_groups, own):  # this config's LRs etc. win over the saved ones
+            group.update(mine)
+        if state["scaler"]:  # empty when saved unscaled (float32, bfloat16): this scaler then starts afresh
+            self.scaler.load_state_dict(state["scaler"])
+        self.iteration, self.best_miou, self.seconds = state["iteration"], state.get("best_miou"), state.get("seconds", 0.0)
+
+
+def new_state(args: ModelArgs, settings: TrainConfig, device: torch.device, amp) -> State:
+    """A freshly initialised model (seeded by the run's seed), its optimiser and mixed-precision scaler."""
+    torch.manual_seed(settings.seed)
+    model = new_model(args).to(device)
+    # Under DDP the scaled gradients are averaged before the scaler unscales them, so every rank
+    # finds the same inf/NaN and skips (or takes) the same steps.
+    return State(model, make_optimizer(model, settings), amp.grad_scaler())
+
+
+def optimisation_step(net: torch.nn.Module, state: State, amp, images: torch.Tensor, masks: torch.Tensor) -> float:
+    """Forward (under autocast), the loss (in float32), backward and the optimiser's step; the global batch's loss."""
+    with amp.autocast():
+        output = net(images)
+    loss = state.model.loss(output, masks, loss_normalizer(masks))  # in float32, outside autocast
+    loss_value = distributed.mean_over_ranks(loss)  # the global batch's loss
+    if not math.isfinite(loss_value):
+        raise TrainingError(f"iteration {state.iteration + 1}: loss is {loss_value}")
+    state.optimizer.zero_grad(set_to_none=True)
+    state.scaler.scale(loss).backward()
+    state.scaler.step(state.optimizer)
+    state.scaler.update()
+    return loss_value
+
+
 def _train(config: Config, out: Path, device: torch.device, resume: bool, stop_after: int | None,
            progress: bool) -> dict:
     settings, train_set, val_set = open_datasets(config.train)
@@ -190,97 +243,70 @@ def _train(config: Config, out: Path, device: torch.device, resume: bool, stop_a
     stop = total if stop_after is None else min(stop_after, total)
     samples = TrainSamples(train_set, settings.crop, (settings.scale_min, settings.scale_max), settings.flip,
                            settings.seed)
-
-    # Model, optimiser, mixed-precision scaler; `net`, what runs forward, is DistributedDataParallel
-    # around `model` under torchrun (DDP averages the ranks' gradients in backward).
-    torch.manual_seed(settings.seed)
     args = dataclasses.replace(config.model, num_classes=train_set.num_classes,
                                pretrained=config.model.pretrained and not resume)
     check_training_memory(args, settings, device, distributed.world_size(), train_set.images)
-    model = new_model(args).to(device)
-    optimizer = make_optimizer(model, settings)
-    # Under DDP the scaled gradients are averaged before the scaler unscales them, so every rank
-    # finds the same inf/NaN and skips (or takes) the same steps.
-    scaler = amp.grad_scaler()
-    start, best_miou, seconds = 0, None, 0.0
+    state = new_state(args, settings, device, amp)
     if resume:
-        state = load_checkpoint(out / "last.pt", map_location=device)
-        load_weights(model, state, out / "last.pt")
-        own = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
-        optimizer.load_state_dict(state["optimizer"])
-        for group, mine in zip(optimizer.param_groups, own):  # this config's LRs etc. win over the saved ones
-            group.update(mine)
-        if state["scaler"]:  # empty when saved unscaled (float32, bfloat16): this scaler then starts afresh
-            scaler.load_state_dict(state["scaler"])
-        start, best_miou, seconds = state["iteration"], state.get("best_miou"), state.get("seconds", 0.0)
-        if start >= stop:
-            return {"iteration": start, "best_miou": best_miou, "seconds": seconds}
-    net = distributed.wrap(model, device, settings.sync_bn)
+        state.restore(out / "last.pt", device)
+        if state.iteration >= stop:
+            return {"iteration": state.iteration, "best_miou": state.best_miou, "seconds": state.seconds}
+    start = state.iteration
+    # `net`, what runs forward, is DistributedDataParallel around the model under torchrun (DDP averages the
+    # ranks' gradients in backward).
+    net = distributed.wrap(state.model, device, settings.sync_bn)
     config = dataclasses.replace(config, train=settings)
     start_run_directory(out, config, train_set.classes)
-
-    def checkpoint(path: Path, iteration: int) -> None:
-        if distributed.is_main():
-            save_checkpoint(path, {"iteration": iteration, "model_args": dataclasses.asdict(model.args),
-                                   "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                   "scaler": scaler.state_dict(), "config": config.to_dict(),
-                                   "best_miou": best_miou, "seconds": seconds})
-
     records = Records(out, start, stop, val_set is not None, f"train {args.head}", progress)
     loader = train_loader(samples, settings.batch, start, stop, settings.workers, pin_memory=device.type == "cuda",
                           rank=distributed.rank(), world=distributed.world_size())
-    model.train()
+    state.model.train()
     last_saved = start if resume else None
-    done = start
     tick = time.perf_counter()
-    stopping = StopPlan(start, stop, settings.ckpt_every, seconds)  # a stop signal takes effect at an iteration's end
+    stopping = StopPlan(start, stop, settings.ckpt_every, state.seconds)  # a stop signal acts at an iteration's end
     try:
         for iteration, (images, masks) in zip(range(start, stop), loader):
-            lr = set_lr(optimizer, iteration, total, settings.min_lr)
+            lr = set_lr(state.optimizer, iteration, total, settings.min_lr)
             torch.manual_seed(step_seed(settings.seed, iteration, distributed.rank()))
-            images = images.to(device, non_blocking=True)
-            masks = masks.to(device, non_blocking=True)
-            with amp.autocast():
-                output = net(images)
-            loss = model.loss(output, masks, loss_normalizer(masks))  # in float32, outside autocast
-            loss_value = distributed.mean_over_ranks(loss)  # the global batch's loss
-            if not math.isfinite(loss_value):
+            try:
+                loss_value = optimisation_step(net, state, amp, images.to(device, non_blocking=True),
+                                               masks.to(device, non_blocking=True))
+            except TrainingError as e:
                 kept = (f"last good checkpoint {out / 'last.pt'} (iteration {last_saved}) kept"
                         if last_saved is not None else "no checkpoint had been written yet")
-                raise TrainingError(f"iteration {iteration + 1}: loss is {loss_value}; stopped, {kept}")
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-
-            done = iteration + 1
+                raise TrainingError(f"{e}; stopped, {kept}") from None
+            state.iteration = done = iteration + 1
             now = time.perf_counter()
-            seconds, tick = seconds + now - tick, now
-            records.iteration(done, loss_value, lr, seconds)
-            stop_here = stopping.check(done, seconds)
+            state.seconds, tick = state.seconds + now - tick, now
+            records.iteration(done, loss_value, lr, state.seconds)
+            stop_here = stopping.check(done, state.seconds)
             if val_set is not None and settings.val_every and (done % settings.val_every == 0 or done == total) \
                     and not stopping.requested:
-                # Each rank evaluates its share of the images; the metrics are of all of them.
-                with stopping.immediate():
-                    metrics = evaluate_model(model, val_set, device, crop=settings.crop_val, amp=settings.amp,
-                                             progress=False)
-                model.train()
-                miou = metrics["miou"]
-                records.validation(done, metrics)
-                if best_miou is None or miou > best_miou:
-                    best_miou = miou
-                    checkpoint(out / "best.pt", done)
+                validate(state, val_set, device, settings, records, stopping, out, config)
                 tick = time.perf_counter()  # validation time is not training time
             if done % settings.ckpt_every == 0 or done == stop:
-                checkpoint(out / "last.pt", done)
+                state.save(out / "last.pt", config)
                 last_saved = done
             if stop_here:
                 raise stopping.interrupted()
     except (KeyboardInterrupt, RuntimeError) as e:  # Ctrl-C, SIGTERM, SIGHUP: one line on what is kept
         if not stopping.ends(e):
             raise
-        raise stopping.stopped(e, done, last_saved, out) from None
+        raise stopping.stopped(e, state.iteration, last_saved, out) from None
     finally:
         stopping.close()
         records.close()
-    return {"iteration": stop, "best_miou": best_miou, "seconds": seconds}
+    return {"iteration": stop, "best_miou": state.best_miou, "seconds": state.seconds}
+
+
+def validate(state: State, val_set: BuiltDataset, device: torch.device, settings: TrainConfig, records: Records,
+             stopping: StopPlan, out: Path, config: Config) -> None:
+    """Evaluate on the validation build (each rank its share of the images), log it, keep best.pt."""
+    with stopping.immediate():
+        metrics = evaluate_model(state.model, val_set, device, crop=settings.crop_val, amp=settings.amp,
+                                 progress=False)
+    state.model.train()
+    records.validation(state.iteration, metrics)
+    if state.best_miou is None or metrics["miou"] > state.best_miou:
+        state.best_miou = metrics["miou"]
+        state.save(out / "best.pt", config)

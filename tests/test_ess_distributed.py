@@ -100,7 +100,7 @@ def test_two_processes_train_the_weights_of_one(runs):
     assert np.allclose(log_one["loss"], log_two["loss"], rtol=1e-4)  # the logged loss is the global batch's
     assert pd.read_csv(two / "val.csv")["iteration"].tolist() == [4]
     assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir()) == [
-        "best.pt", "classes.json", "config.yaml", "last.pt", "log.csv", "val.csv"]
+        ".segkit.json", "best.pt", "classes.json", "config.yaml", "last.pt", "log.csv", "val.csv"]
     # Validation under torchrun shards the images and sums the confusion: the one-process metrics.
     assert pd.read_csv(one / "val.csv")["miou"].tolist() == pd.read_csv(two / "val.csv")["miou"].tolist()
     # Each process holds half the batch: its peak memory must not exceed the one process's (generous bound).
