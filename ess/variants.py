@@ -44,6 +44,8 @@ VARIANTS = {v.name: v for v in (
                               "min_lr": 1e-6}, "ESS, published code's choices", "#393b79", study=True),
     Variant("ess-proto", {"head": "ess", "class_update": "prototype"}, "ESS, prototype class embeddings", "#e7969c",
             study=True),
+    Variant("ess-proto-fast", {"head": "ess", "class_update": "prototype", "proto_momentum": 0.9},
+            "ESS, prototypes with momentum 0.9", "#ad494a", study=True),
     Variant("ess-random", {"head": "ess", "sampling": "random"}, "ESS, random negatives", "#8c564b", study=True),
     Variant("ess-no-norm", {"head": "ess", "normalize": False}, "ESS, no normalisation", "#e377c2", study=True),
     Variant("ess-no-reg", {"head": "ess", "reg": False}, "ESS, no regulariser", "#7f7f7f", study=True),
