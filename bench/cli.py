@@ -33,8 +33,13 @@ class _ClaimsOut(click.Command):
 
         params = ctx.params
         with claim_output(params["out"], f"bench {ctx.info_name}", lambda name: name.endswith(BENCH_SUFFIXES),
-                          inputs=(params.get("data"), params.get("val_data"))):
+                          inputs=(params.get("data"), params.get("val_data")), recognise=_earlier_bench_output):
             return super().invoke(ctx)
+
+
+def _earlier_bench_output(out: Path) -> bool:
+    """A bench output written before output directories were marked: a summary, or a study's shared settings."""
+    return (out / "summary.md").is_file() or (out / "study.yaml").is_file()
 
 
 class _BenchGroup(CommandGroup):

@@ -34,6 +34,7 @@ from bench.report import files_section, fmt, markdown_table, new_figure, save_fi
 from bench.tables import ROW_COLUMNS, evaluation_rows, read_class_stats, read_csv_log, read_eval
 from bench.topn import plot_topn, topn_table
 from ess import config as cfg
+from ess.config import eval_dir
 from ess.variants import VARIANTS
 from ess.variants import parse as parse_variants
 from segkit.io import InputError, read_json
@@ -70,10 +71,6 @@ class Cell:
     def readouts(self) -> tuple[str, ...]:
         """The evaluations the cell needs: the learned class embeddings, and for ESS the pixel-mean readout."""
         return ("learned", "pixel-mean") if VARIANTS[self.variant].options["head"] == "ess" else ("learned",)
-
-
-def eval_dir(run: Path, readout: str) -> Path:
-    return run / ("eval" if readout == "learned" else f"eval-{readout}")
 
 
 def evaluated(run: Path, cell: Cell) -> bool:
@@ -161,8 +158,8 @@ def run_cell(cell: Cell, config, run: Path, progress: bool = True) -> None:
         train(config, run, resume=(run / "last.pt").exists(), progress=progress)
     for readout in cell.readouts:
         if not (eval_dir(run, readout) / "metrics.json").exists():
-            evaluate_run(run, config.train.val_data, checkpoint=CHECKPOINT, device=config.train.device,
-                         progress=progress, readout=readout)
+            evaluate_run(run, config.train.val_data, images_root=config.train.images_root, checkpoint=CHECKPOINT,
+                         device=config.train.device, progress=progress, readout=readout)
 
 
 def run_cells(cells: list[Cell], base, out: Path, progress: bool = True, echo: bool = True) -> None:
@@ -440,7 +437,7 @@ def budget_study_summary(out: Path, data: Path, val_data: Path, iters: int, stud
 
 
 def report_budget(out: Path, data: Path, val_data: Path, stats: pd.DataFrame, cells: list[Cell], rows: pd.DataFrame,
-                  ious: dict, base, iters: int, echo: bool) -> dict:
+                  ious: dict, base, iters: int) -> dict:
     """OUT/iters<N>/: the tables, figures and study.md of one budget."""
     where = out / f"iters{iters}"
     mine = [c for c in cells if c.iters == iters]
@@ -465,7 +462,7 @@ def report_study(out: Path, data: Path, val_data: Path, stats: pd.DataFrame, bas
     rows, ious = cell_rows(out, data, stats, cells)
     paths = {}
     for iters in sorted({c.iters for c in cells}):
-        paths.update(report_budget(out, data, val_data, stats, cells, rows, ious, base, iters, echo))
+        paths.update(report_budget(out, data, val_data, stats, cells, rows, ious, base, iters))
     budget = budget_table(rows)
     paths["budget.csv"] = save_table(budget, out / "budget.csv")
     paths["budget.png"] = save_figure(plot_budget(budget), out / "budget.png")

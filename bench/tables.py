@@ -8,11 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import yaml
 
 from bench.definitions import SOURCES, TOP
 from cocolvis.dataset import STATS_COLUMNS, BuiltDataset, read_stats
 from cocolvis.vocab import MAX_CLASSES
+from ess.config import read_yaml
 from ess.metrics import per_class_iou
 from segkit.io import InputError, read_json
 from segkit.memory import check_fits
@@ -74,15 +74,12 @@ def training_data(ev: dict) -> Path:
     if not run:
         raise InputError(metrics_path, "no `run` recorded: pass --data")
     config_path = Path(run) / "config.yaml"
-    try:
-        config = yaml.safe_load(config_path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InputError(config_path, "missing (the run recorded in metrics.json): pass --data") from None
-    except yaml.YAMLError as e:
-        raise InputError(config_path, f"malformed YAML: {e}") from None
-    if not isinstance(config, dict) or not config.get("data"):
+    if not config_path.is_file():
+        raise InputError(config_path, "missing (the run recorded in metrics.json): pass --data")
+    data = read_yaml(config_path).get("data")
+    if not data or not isinstance(data, str):
         raise InputError(config_path, "no `data` entry: pass --data")
-    return Path(config["data"])
+    return Path(data)
 
 
 def run_labels(evals: list[dict]) -> list[str]:

@@ -229,7 +229,8 @@ def _fmt_s(row: dict) -> str:
 @click.option("--size", default="2x256x256", show_default=True, help="Batch x height x width of the labels.")
 @click.option("--heads", default=",".join(ROWS), show_default=True,
               help=f"Rows to measure, any of {', '.join(ROWS)} (see the module docstring); empty for none.")
-@click.option("--repeats", default=3, show_default=True, help="Timed steps after the first (median reported).")
+@click.option("--repeats", default=3, show_default=True, type=click.IntRange(min=1),
+              help="Timed steps after the first (median reported).")
 @click.option("--rounds", default=1, show_default=True, type=click.IntRange(min=1),
               help="Rounds of the time measurements, interleaved; the median over rounds is reported.")
 @click.option("--max-gb", type=float, help="Skip measurements predicted above this [default: available memory - 2 GB].")

@@ -56,6 +56,14 @@ SYNTH_MAX_IMAGES = 100_000
 """Most images of each synthetic split (their ids are drawn from 1..599999)."""
 
 
+SYNTH_OUTPUT = ("annotations", "images")
+
+
+def _earlier_synth(out: Path) -> bool:
+    """A synthetic dataset written before output directories were marked."""
+    return all((out / name).is_dir() for name in SYNTH_OUTPUT)
+
+
 @main.command()
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Directory to write annotations/ and images/ into.")
@@ -73,7 +81,7 @@ def synth(out, train, val, size, seed):
     from cocolvis.synth import write_synthetic
     from segkit.outdir import claim_output
 
-    with claim_output(out, "cocolvis synth", lambda name: name in ("annotations", "images")):
+    with claim_output(out, "cocolvis synth", lambda name: name in SYNTH_OUTPUT, recognise=_earlier_synth):
         info = write_synthetic(out, train=train, val=val, size=size, seed=seed, progress=True)
     click.echo(f"{out}: {train} train and {val} val images of {size[0]}x{size[1]} "
                f"({info['val_from_train2017']} val images under train2017); annotations in {out / 'annotations'}")

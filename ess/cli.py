@@ -81,7 +81,7 @@ def eval_command(run_dir, data, images_root, out, save_predictions, checkpoint, 
                            progress=not quiet, workers=workers, readout=readout)
     if not is_main():
         return
-    where = out if out is not None else run_dir / ("eval" if readout == "learned" else f"eval-{readout}")
+    where = out if out is not None else cfg.eval_dir(run_dir, readout)
     click.echo(f"{metrics['head']}: mIoU {_fmt(metrics['miou'])}, pixel acc {_fmt(metrics['pixel_acc'])}, "
                f"{metrics['classes_present']}/{metrics['num_classes']} classes present -> {where}")
 

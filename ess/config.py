@@ -18,6 +18,7 @@ from pathlib import Path
 
 import yaml
 
+from cocolvis.vocab import MAX_CLASSES
 from segkit.errors import InputError
 from segkit.io import write_text
 from ess import options
@@ -38,10 +39,15 @@ DEVICE_PATTERN = r"auto|cpu|cuda(:\d+)?"
 # How `ess eval` reads out an ESS network's classes: its learned class embeddings, or each class's mean pixel
 # embedding over the training data (ess.readout).
 READOUTS = ("learned", "pixel-mean")
+
+
+def eval_dir(run_dir: str | os.PathLike, readout: str = "learned") -> Path:
+    """Where `ess eval` writes by default: RUN/eval, or RUN/eval-<readout> for the other readout."""
+    return Path(run_dir) / ("eval" if readout == "learned" else f"eval-{readout}")
 # Hard limits on sizes; what depends on the machine's memory is checked by ess.memory before allocation.
 MAX_CROP = 8192
 MAX_EMBED_DIM = 1 << 16
-MAX_K = 0x7FFF  # no more classes than a build's 15-bit ids hold
+MAX_K = MAX_CLASSES  # negatives: no more than a build's classes (15-bit ids)
 MAX_ITERS = 10 ** 9
 MAX_WORKERS = 256
 

@@ -4,7 +4,7 @@
 and WORLD_SIZE in their environment. `process_group()` joins them for the length of a
 command (nccl on CUDA, each process on its cuda:LOCAL_RANK; gloo on the CPU). A process
 started without torchrun, or as its only process, is a world of one with no process
-group, and every helper here is then a no-op.
+group, and every function here then does nothing more than its one-process case.
 """
 from __future__ import annotations
 

@@ -24,6 +24,7 @@ from tqdm import tqdm
 from cocolvis.dataset import BuiltDataset, mask_name
 from segkit.io import InputError, atomic_open, atomic_path, write_json
 from segkit.signals import ignore_stop_signals
+from ess.config import eval_dir
 from ess.data import EvalSamples
 from ess.device import precision
 from ess import distributed
@@ -132,14 +133,15 @@ def evaluate_run(run_dir: str | Path, data: str | Path, images_root: str | Path 
             raise InputError(dataset.root / "classes.json",
                              f"{dataset.num_classes} classes that differ from the run's {len(run.classes)} "
                              f"in {run.dir / 'classes.json'}")
-        model = run.model
-        if readout == "pixel-mean":
-            training = BuiltDataset(run.config.train.data, run.config.train.images_root)
-            model = pixel_mean_readout(model, training, dev, progress=progress and distributed.is_main())
-        out = Path(out) if out is not None else run.dir / ("eval" if readout == "learned" else f"eval-{readout}")
+        out = Path(out) if out is not None else eval_dir(run.dir, readout)
         crop = crop if crop is not None else run.config.train.crop_val
         check_eval_memory(run.model.args, dataset.images, crop, dev, dataset.root / "images.jsonl")
+        training = BuiltDataset(run.config.train.data, run.config.train.images_root) if readout == "pixel-mean" else None
+        if training is not None:  # its whole images run through the network too
+            check_eval_memory(run.model.args, training.images, None, dev, training.root / "images.jsonl")
         with claim_eval(out, dataset.root):  # the lock, and nothing half-written left by a failure
+            model = run.model if training is None else pixel_mean_readout(
+                run.model, training, dev, progress=progress and distributed.is_main())
             metrics = evaluate_model(model, dataset, dev, crop=crop, amp=run.config.train.amp,
                                      predictions_dir=out / "predictions" if save_predictions else None,
                                      progress=progress, workers=workers)

@@ -199,6 +199,6 @@ class EssHead(nn.Module):
         """The nearest class embedding of every pixel, by exact search whatever the loss's backend."""
         b, d, h, w = output.shape
         classes = self.class_embeddings()
-        exact = "auto" if self.knn == "ivf" else self.knn
         flat = output.permute(0, 2, 3, 1).reshape(-1, d)  # a view of the channels-last output
-        return search(flat, classes, 1, exact, self.chunk)[:, 0].view(b, h, w) + 1
+        # Without the index, "ivf" resolves to the exact search `auto` would pick (ess.knn.resolve_backend).
+        return search(flat, classes, 1, self.knn, self.chunk)[:, 0].view(b, h, w) + 1

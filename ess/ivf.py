@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from ess.device import full_precision
-from ess.knn import (faiss_available, faiss_gpu_resources, faiss_uses_gpu, gpu_ordinal, knn_torch, require_faiss,
+from ess.knn import (faiss_gpu_resources, faiss_searches_on, faiss_uses_gpu, gpu_ordinal, knn_torch, require_faiss,
                      search)
 
 IVF_MIN_CLASSES = 2048
@@ -54,9 +54,7 @@ def _padded(x: torch.Tensor, d: int):
 def ivf_uses_faiss(device: torch.device, prefer: bool | None = None) -> bool:
     """Whether IVF goes through faiss: `prefer` when given; else where faiss searches on the data's own
     device (any faiss on the CPU, faiss-gpu on CUDA), so CUDA embeddings never make a host round trip."""
-    if prefer is not None:
-        return prefer
-    return faiss_available() and (device.type != "cuda" or faiss_uses_gpu(device))
+    return faiss_searches_on(device) if prefer is None else prefer
 
 
 class IvfSearch:

@@ -16,15 +16,17 @@ process searches a tiny index there (`faiss_gpu_runs`), and where that fails aut
 from __future__ import annotations
 
 import functools
+import importlib
 import subprocess
 import sys
 
 import torch
 
 from ess.device import cuda_ordinal, describe_cuda, full_precision
+from segkit.errors import InputError
 
 # Below this class count `auto` searches with torch, on any device: a flat search of so few classes is one
-# small matmul, and the ESS loss then takes its dense path (ess.losses.DENSE_MAX_CLASSES). From here, on the
+# small matmul, and the ESS loss then takes its dense path (ess.losses.uses_dense_path). From here, on the
 # CPU, faiss: `python -m benchmarks.loss_step --heads ""` on 2 CPU cores, 131072 queries, k=8, faiss / torch
 # time: 3.39 at 19 classes, 0.88 at 150, 0.63 at 500, 0.73 at 1284.
 FAISS_MIN_CLASSES = 192
@@ -46,8 +48,8 @@ def faiss_available() -> bool:
 def require_faiss():
     faiss = faiss_module()
     if faiss is None:
-        raise ValueError("kNN backend 'faiss' needs the faiss package: pip install -e '.[cpu]' (or '.[gpu]' "
-                         "for faiss-gpu), or use knn='torch' / 'auto'")
+        raise InputError(None, "--knn faiss needs the faiss package: pip install -e '.[cpu]' (or '.[gpu]' for "
+                               "faiss-gpu), or use --knn torch or auto")
     return faiss
 
 
@@ -118,9 +120,12 @@ def resolve_backend(knn: str, device: torch.device, num_classes: int, ivf=None) 
         return "ivf"
     if num_classes < FAISS_MIN_CLASSES:
         return "torch"
-    if device.type == "cuda":
-        return "faiss" if faiss_uses_gpu(device) else "torch"
-    return "faiss" if faiss_available() else "torch"
+    return "faiss" if faiss_searches_on(device) else "torch"
+
+
+def faiss_searches_on(device: torch.device) -> bool:
+    """Whether faiss searches data on `device` where it lives: any faiss on the CPU, faiss-gpu on a card it runs on."""
+    return faiss_uses_gpu(device) if device.type == "cuda" else faiss_available()
 
 
 def rows_per_block(chunk: int, row_size: int) -> int:
@@ -155,9 +160,9 @@ def faiss_gpu_resources(device: int):
 
 
 def gpu_ordinal(device: torch.device) -> int:
-    """The CUDA ordinal of `device`; also lets faiss GPU indexes take CUDA tensors directly."""
-    import faiss.contrib.torch_utils  # noqa: F401
-
+    """The CUDA ordinal of `device`, once faiss's GPU indexes take CUDA tensors directly: importing
+    faiss.contrib.torch_utils makes their add() and search() accept torch tensors (its side effect)."""
+    importlib.import_module("faiss.contrib.torch_utils")
     return cuda_ordinal(device)
 
 

@@ -22,13 +22,13 @@ import torch.nn.functional as F
 from ess.config import STRIDE_BLOCKS
 from ess.device import float32_backward, float32_forward, full_precision
 from ess.ivf import IvfSearch
-from ess.knn import drop_excluded, knn_excluding, resolve_backend, rows_per_block, search
+from ess.knn import FAISS_MIN_CLASSES, drop_excluded, knn_excluding, resolve_backend, rows_per_block, search
 from ess.pairs import close_pairs
 # Up to this class count the exact nearest-negatives loss works on the whole pixels x C distance
 # block (C scores per pixel) instead of gathering (k+1) x d class-embedding values per pixel.
 # Loss forward + backward, 32768 pixels, d=12, k=7, 2 CPU cores, gather path (torch search) vs
 # dense: 57 vs 22 ms at 19 classes, 93 vs 56 at 150, 115 vs 103 at 256.
-DENSE_MAX_CLASSES = 192
+DENSE_MAX_CLASSES = FAISS_MIN_CLASSES - 1  # where `auto` searches with torch (ess.knn.resolve_backend)
 # From this class count the regulariser finds close class pairs by the exact cell-pruned search
 # (ess.pairs.close_pairs) instead of a nearest-neighbour search of every class among all the others.
 PRUNED_SEPARATION_MIN_CLASSES = 2048

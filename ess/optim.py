@@ -14,7 +14,6 @@ from ess.config import TrainConfig
 from ess.model import Segmenter
 
 
-
 class Optimizers:
     """Several torch optimisers stepped as one, with what the loop, the schedule, GradScaler and
     the checkpoint use: param_groups (in order), zero_grad, step, state_dict, load_state_dict."""

@@ -33,7 +33,8 @@ def option(default, help: str, *, choices: tuple | None = None, low: float | Non
     """A dataclass field with its validation rules and help text.
 
     low/high bound numbers (inclusive unless low_open/high_open); `pattern` must match a
-    whole string; `directory` marks a path to an existing directory, stored resolved;
+    whole string; `directory` marks a directory path, stored resolved (a flag checks that it exists, a
+    YAML value is checked by what reads it);
     `flag` overrides the flag declaration (e.g. "--normalize/--no-norm"); `cli=False`
     keeps the option out of the command line (YAML only).
     """

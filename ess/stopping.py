@@ -30,9 +30,17 @@ class StopPlan:
     def __init__(self, start: int, stop: int, ckpt_every: int, seconds: float):
         self.start, self.stop, self.ckpt_every = start, stop, ckpt_every
         self.start_seconds = seconds
-        self.requested = False
-        self.target: int | None = None
+        self.target: int | None = None  # the iteration to stop at, once a stop was requested
         self.pending = Deferred().install()
+
+    @property
+    def requested(self) -> bool:
+        return self.target is not None
+
+    @property
+    def signalled(self) -> bool:
+        """Whether a stop signal arrived (on this process), acted on or not."""
+        return self.pending.signum is not None
 
     def close(self) -> None:
         self.pending.restore()
@@ -81,5 +89,5 @@ class StopPlan:
         if self.target is None and done < self.stop:
             requested, pace = self._agree(done, seconds)
             if requested:
-                self.requested, self.target = True, self._due(done, pace)
+                self.target = self._due(done, pace)
         return self.target is not None and done >= self.target

@@ -257,13 +257,13 @@ def _train(config: Config, out: Path, device: torch.device, resume: bool, stop_a
     net = distributed.wrap(state.model, device, settings.sync_bn)
     config = dataclasses.replace(config, train=settings)
     start_run_directory(out, config, train_set.classes)
-    records = Records(out, start, stop, val_set is not None, f"train {args.head}", progress)
     loader = train_loader(samples, settings.batch, start, stop, settings.workers, pin_memory=device.type == "cuda",
                           rank=distributed.rank(), world=distributed.world_size())
     state.model.train()
     last_saved = start if resume else None
-    tick = time.perf_counter()
+    records = Records(out, start, stop, val_set is not None, f"train {args.head}", progress)  # closed below
     stopping = StopPlan(start, stop, settings.ckpt_every, state.seconds)  # a stop signal acts at an iteration's end
+    tick = time.perf_counter()
     try:
         for iteration, (images, masks) in zip(range(start, stop), loader):
             lr = set_lr(state.optimizer, iteration, total, settings.min_lr)
@@ -289,6 +289,8 @@ def _train(config: Config, out: Path, device: torch.device, resume: bool, stop_a
                 last_saved = done
             if stop_here:
                 raise stopping.interrupted()
+        if stopping.signalled:  # during the last iteration or its checkpoint: complete, and still a stop
+            raise stopping.interrupted()
     except (KeyboardInterrupt, RuntimeError) as e:  # Ctrl-C, SIGTERM, SIGHUP: one line on what is kept
         if not stopping.ends(e):
             raise

@@ -21,7 +21,7 @@ CLASS_SIDE = ("embed_optimizer", "embed_momentum", "embed_weight_decay", "embed_
 @dataclass(frozen=True)
 class Variant:
     name: str
-    options: dict  # ModelArgs fields it sets, `head` always among them
+    options: dict  # ModelArgs fields it sets (`head` always among them), and CLASS_SIDE training settings
     label: str  # how tables and legends name it
     color: str  # its matplotlib colour
     study: bool = False  # trained by `bench study` unless --variants says otherwise

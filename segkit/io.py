@@ -1,4 +1,4 @@
-"""File helpers shared by every command: atomic writes and checked JSON reads.
+"""Files for every command: atomic writes and checked JSON reads.
 
 Every output file is written to a temporary name beside its target and renamed, so
 an interrupted run never leaves a truncated file under the final name.

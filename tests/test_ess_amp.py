@@ -29,7 +29,6 @@ CHUNK = ModelArgs.chunk
 LOW = [torch.bfloat16, torch.float16]  # the CPU's and CUDA's autocast dtypes; CPU autocast runs both
 
 
-
 def loss_rtol(dtype: torch.dtype) -> float:
     """How far a loss under autocast in `dtype` may lie from float32's: a rounding moves a value by up to half
     the dtype's eps (2^-8 for bfloat16, 2^-11 for float16); between the input and the loss ResNet-18 DeepLabV3+

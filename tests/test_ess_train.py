@@ -122,6 +122,40 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(built_train, tmp_path
     assert load_checkpoint(run / "last.pt")["iteration"] == 2
 
 
+def test_a_signal_during_the_last_iteration_still_stops_the_command(built_train, tmp_path, monkeypatch):
+    """The run completes (its last checkpoint is written), and the command then stops as on any stop signal, so
+    a study does not start its next run after a scheduler's SIGTERM."""
+    import os
+    import signal
+
+    from segkit.signals import Interrupted
+
+    calls = {"n": 0}
+    real_loss = Segmenter.loss
+
+    def loss(self, output, mask, normalizer=None):
+        calls["n"] += 1
+        if calls["n"] == 4:  # the last of 4 iterations
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_loss(self, output, mask, normalizer)
+
+    monkeypatch.setattr(Segmenter, "loss", loss)
+    run = tmp_path / "run"
+    with pytest.raises(Interrupted) as e:
+        train(small_config(built_train, iters=4, ckpt_every=2), run, progress=False)
+    assert e.value.signum == signal.SIGTERM and "stopped at iteration 4" in e.value.detail
+    assert load_checkpoint(run / "last.pt")["iteration"] == 4
+
+
+def test_the_faiss_search_without_faiss_is_one_line(monkeypatch):
+    from ess import knn
+    from segkit.errors import InputError
+
+    monkeypatch.setattr(knn, "faiss_module", lambda: None)
+    with pytest.raises(InputError, match="--knn faiss needs the faiss package"):
+        knn.knn_faiss(torch.zeros(3, 4), torch.zeros(5, 4), 2)
+
+
 # --- training quality ---------------------------------------------------------------------
 
 @pytest.mark.parametrize("head", ["softmax", "ess"])

@@ -131,6 +131,18 @@ def test_every_command_refuses_a_directory_of_user_files(built_train, built_val,
         assert snapshot(out) == before, args
 
 
+def test_output_written_before_directories_were_marked_is_still_accepted(built_train, tmp_path):
+    """A bench output (summary.md) or a synthetic dataset (annotations/, images/) from before the marker."""
+    bench_out, synth_out = tmp_path / "longtail", tmp_path / "synth"
+    bench_out.mkdir()
+    (bench_out / "summary.md").write_text("an earlier run\n")
+    for name in ("annotations", "images"):
+        (synth_out / name).mkdir(parents=True)
+    assert run("bench", "longtail", "--data", built_train, "--out", bench_out).returncode == 0
+    assert run("cocolvis", "synth", "--out", synth_out, "--train", "1", "--val", "1", "--size", "32x32").returncode == 0
+    assert (synth_out / "annotations" / "lvis_v1_train.json").is_file()
+
+
 def test_no_command_writes_inside_its_input_build(built_train, built_val, run_dir):
     before = snapshot(built_val)
     for package, *args in [("ess", *TRAIN, "--iters", "1", "--data", built_train, "--val-data", built_val,
