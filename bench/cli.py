@@ -124,8 +124,8 @@ def _size(ctx, param, value):
               help="Timed iterations per measurement; the median is reported (preset: cpu 5, paper 10).")
 @click.option("--warmup", type=click.IntRange(min=0), default=None,
               help="Untimed iterations before timing (preset: cpu 2, paper 3).")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
-              help="auto: CUDA when available, else CPU.")
+@click.option("--device", default="auto", show_default=True,
+              help="auto (CUDA when available, else CPU), cpu, cuda or cuda:N.")
 @click.option("--amp", is_flag=True, help="Mixed precision: float16 autocast and gradient scaling on CUDA, "
                                           "bfloat16 autocast on the CPU [default: float32].")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
@@ -161,8 +161,8 @@ def timing(preset, classes, size, batch, encoder, heads, repeats, warmup, device
               help="The dendrogram shows this many of the most frequent training classes.")
 @click.option("--max-points", type=click.IntRange(min=100), default=5000, show_default=True,
               help="Pixels drawn in the 2D projection (a random sample of the labelled pixels).")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
-              help="auto: CUDA when available, else CPU.")
+@click.option("--device", default="auto", show_default=True,
+              help="auto (CUDA when available, else CPU), cpu, cuda or cuda:N.")
 @_out
 def embeddings(run_dir, data, images_root, image_id, checkpoint, clusters, dendrogram_classes, max_points, device, out):
     """Class-embedding length against frequency, pixel embeddings projected to 2D and to RGB,

@@ -31,11 +31,14 @@ from pathlib import Path
 import pandas as pd
 
 from bench.report import markdown_table
+from segkit.errors import OneLineError
 from segkit.io import write_text
+from segkit.outdir import claim_output
 
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = ROOT / "tests"
 REPORT = "gpu-report.md"
+OUTPUTS = {"data", "runs", "logs", "timing", "cuda-tests.xml", REPORT}  # what the check writes in --out
 BUDGET_SECONDS = 480
 HEADS = ("softmax", "ess")
 TRAIN_ITERS = 300
@@ -303,11 +306,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.out is None:
         parser.error("--out is required")
     out = args.out.resolve()
-    for head in HEADS:  # a run directory is not overwritten by `ess train`: start each check afresh
-        shutil.rmtree(out / "runs" / head, ignore_errors=True)
-    outcomes = run_steps(plan(out, tests=TESTS if TESTS.is_dir() else None), out / "logs")
-    path = out / REPORT
-    write_text(path, report(environment(), outcomes, out) + "\n")
+    try:
+        with claim_output(out, "bench gpu-check", lambda name: name in OUTPUTS, keep=lambda e: True):
+            for head in HEADS:  # `ess train` does not overwrite a run: in a directory of our own, start afresh
+                shutil.rmtree(out / "runs" / head, ignore_errors=True)
+            outcomes = run_steps(plan(out, tests=TESTS if TESTS.is_dir() else None), out / "logs")
+            path = out / REPORT
+            write_text(path, report(environment(), outcomes, out) + "\n")
+    except OneLineError as e:  # an --out that holds something else, or is being written by another check
+        print(f"Error: {e}", file=sys.stderr)
+        return 1
     print(f"Report: {path}")
     return 0 if all(o.status == "passed" for o in outcomes) else 1
 

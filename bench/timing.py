@@ -19,7 +19,7 @@ import multiprocessing
 import platform
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +30,7 @@ from bench.report import (files_section, fmt, markdown_table, new_figure, plain_
 from ess.config import ModelArgs
 from ess.variants import VARIANTS
 from ess.variants import default as default_variants
+from segkit.errors import out_of_memory
 
 # The published table's data sets, by class count.
 DATASETS = {19: "Cityscapes", 150: "ADE20K", 1284: "COCO+LVIS"}
@@ -60,7 +61,6 @@ class TimingPlan:
     amp: bool = False
     threads: int | None = None  # CPU threads of torch; None keeps torch's default
     preset: str = "cpu"
-    head_options: dict = field(default_factory=dict)
     rounds: int = 1  # every measurement repeated round after round; medians reported
 
 
@@ -84,7 +84,7 @@ def timing_plan(preset: str = "cpu", *, classes: list[int] | None = None, size: 
     p = PRESETS[preset]
     from ess.device import pick_device
 
-    device = pick_device(device).type  # the timed device is the current one of its type
+    device = str(pick_device(device))
     setups = p["setups"]
     if classes is not None:
         sizes = {s.num_classes: s.size for s in setups}
@@ -120,9 +120,12 @@ def measure(head: str, num_classes: int, phase: str, plan: TimingPlan) -> dict:
 
     from statistics import median
 
+    from ess.config import TrainConfig
     from ess.device import precision
     from ess.measure import PeakMemory, time_calls
     from ess.model import Segmenter
+    from ess.optim import make_optimizer
+    from ess.train import State, optimisation_step
 
     if plan.threads is not None:
         torch.set_num_threads(plan.threads)
@@ -131,7 +134,7 @@ def measure(head: str, num_classes: int, phase: str, plan: TimingPlan) -> dict:
     mixed = precision(device, plan.amp)
     size = next(s.size for s in plan.setups if s.num_classes == num_classes)
     model = Segmenter.from_args(ModelArgs(**{"num_classes": num_classes, "encoder": plan.encoder,
-                                              **plan.head_options, **VARIANTS[head].model_options})).to(device)
+                                              **VARIANTS[head].model_options})).to(device)
     x, mask = synthetic_batch(num_classes, size, plan.batch, device)
     autocast = mixed.autocast()
 
@@ -141,18 +144,12 @@ def measure(head: str, num_classes: int, phase: str, plan: TimingPlan) -> dict:
         def step():
             with torch.inference_mode(), autocast:
                 model.predict(model(x))
-    else:
+    else:  # the training loop's own step, with its optimiser at the default settings
         model.train()
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
-        scaler = mixed.grad_scaler()
+        state = State(model, make_optimizer(model, TrainConfig()), mixed.grad_scaler())
 
         def step():
-            optimizer.zero_grad(set_to_none=True)
-            with autocast:
-                loss = model.loss(model(x), mask)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
+            optimisation_step(model, state, mixed, x, mask)
 
     with PeakMemory(device) as mem:
         times = time_calls(step, plan.repeats, plan.warmup, device)
@@ -164,7 +161,7 @@ def _pool_context():
     """Fresh processes forked from a server that has torch and the models imported already."""
     ctx = multiprocessing.get_context("forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn")
     if ctx.get_start_method() == "forkserver":
-        ctx.set_forkserver_preload(["torch", "segmentation_models_pytorch", "ess.model", "bench.timing"])
+        ctx.set_forkserver_preload(["torch", "segmentation_models_pytorch", "ess.model", "ess.train", "bench.timing"])
     return ctx
 
 
@@ -175,10 +172,10 @@ def measure_isolated(head: str, num_classes: int, phase: str, plan: TimingPlan, 
             return pool.submit(measure, head, num_classes, phase, plan).result()
         except BrokenProcessPool:
             return {"error": "worker process died (likely killed for lack of memory)"}
-        except RuntimeError as e:  # torch.cuda.OutOfMemoryError and CPU allocation failures
-            if "out of memory" not in str(e).lower() and "can't allocate memory" not in str(e).lower():
+        except (MemoryError, RuntimeError) as e:  # torch.cuda.OutOfMemoryError and CPU allocation failures
+            if not out_of_memory(e):
                 raise
-            return {"error": str(e).strip().splitlines()[0]}
+            return {"error": (str(e).strip().splitlines() or [type(e).__name__])[0]}
 
 
 def median_run(runs: list[dict]) -> dict:
@@ -228,8 +225,8 @@ def environment(plan: TimingPlan) -> dict[str, str]:
     from ess.knn import faiss_module
 
     faiss = faiss_module()
-    if plan.device == "cuda":
-        device = f"CUDA: {torch.cuda.get_device_name(0)} (CUDA {torch.version.cuda})"
+    if plan.device.startswith("cuda"):
+        device = f"CUDA: {torch.cuda.get_device_name(torch.device(plan.device))} (CUDA {torch.version.cuda})"
     else:
         cpu = platform.processor() or platform.machine()
         try:
@@ -318,13 +315,13 @@ def timing_summary(table: pd.DataFrame, plan: TimingPlan, env: dict[str, str], o
         "",
         *[f"- {k}: {v}" for k, v in env.items()],
         f"- set-up: DeepLabV3+ {plan.encoder} (no pretrained weights), embedding dimension "
-        f"{plan.head_options.get('embed_dim', ModelArgs.embed_dim)}, "
+        f"{ModelArgs.embed_dim}, "
         f"batch {plan.batch}, {plan.warmup} warm-up and {plan.repeats} timed iterations, median reported"
         + (f"; {plan.rounds} rounds of every measurement, interleaved, median of the rounds" if plan.rounds > 1 else "")
         + f", {precision(plan.device, plan.amp).describe()}",
         "- inference: forward pass and prediction (argmax / nearest class embedding) under inference mode, "
-        "seconds per image = seconds per batch / batch; training: forward, loss, backward and an SGD step, "
-        "seconds per iteration. Model set-up excluded. Inputs are synthetic: random images and masks of "
+        "seconds per image = seconds per batch / batch; training: the training loop's step (forward, loss, "
+        "backward, the optimiser's step at the default settings), seconds per iteration. Model set-up excluded. Inputs are synthetic: random images and masks of "
         "32x32-pixel blocks of random class ids.",
         f"- memory: {mem_note}",
         "- each (head, C, phase) ran in a fresh process.",

@@ -6,12 +6,12 @@ bounds in bytes, each the sum of a few parts, so a refusal never stops work that
 
   training, per process (B = --batch / processes, P = B x crop^2 pixels, C classes)
     activations    P x (20 + ACTIVATION_BYTES[encoder]): the input and labels, and what the encoder
-                   and decoder keep for backward (halved under mixed precision on CUDA)
+                   and decoder keep for backward (halved under mixed precision)
     augmentation   the largest image of the build x scale_max^2 x 5 bytes (its RGB and label map rescaled)
     parameters     4 bytes x 3 (weights, gradients, momentum) x the network's parameters, with the
                    head's: 256 x C (softmax) or (C + 256) x d (ESS)
     head           softmax: P x C x 8 (the logits and their gradient; chunked: one --chunk block and the
-                   stride-s logits); ESS: P x d x 8 (the embeddings, normalised) plus, per pixel, its
+                   logits at the decoder's stride 4); ESS: P x d x 8 (the embeddings, normalised) plus, per pixel, its
                    k' + 1 candidate classes (k' = min(k, C - 1)): 12 bytes each, and 8 d more where the
                    loss gathers their embeddings (above DENSE_MAX_CLASSES classes, or another search),
                    or else one --chunk block of distances
@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 
 from ess.config import ModelArgs, TrainConfig
+from ess.device import precision
 from ess.losses import uses_dense_path
 from segkit.memory import available_bytes, check_fits, gigabytes
 
@@ -37,6 +38,8 @@ NETWORK_PARAMETERS = {"resnet18": 12.3e6, "resnet50": 26.7e6, "resnet101": 45.7e
 INFERENCE_BYTES = 150
 """Bytes per input pixel an inference holds at least: the input and the decoder's stride-4 features."""
 DECODER_CHANNELS = 256
+DECODER_STRIDE = 4
+"""DeepLabV3+'s decoder output, the features every head reads, is at 1/4 of the input's resolution."""
 
 
 def device_available(device: torch.device) -> int:
@@ -56,7 +59,7 @@ def _head_training(args: ModelArgs, pixels: int, size: str, device: torch.device
     c = args.num_classes
     if args.head == "softmax":
         if args.softmax_impl == "chunked":
-            stride_logits = pixels / args.output_stride ** 2 * c * 8
+            stride_logits = pixels / DECODER_STRIDE ** 2 * c * 8  # the classifier's logits and their gradient
             return f"--chunk {args.chunk} and the logits of {c} classes for {size}", \
                 min(args.chunk, pixels * c) * 4 + stride_logits
         return f"the logits of {c} classes for {size}", pixels * c * 8.0
@@ -73,8 +76,8 @@ def training_parts(args: ModelArgs, train: TrainConfig, device: torch.device, wo
     """part -> (the values that set it, bytes at least) of one training step of one process."""
     pixels = train.batch // world * train.crop ** 2
     size = f"--batch {train.batch} x --crop {train.crop}" + (f" over {world} processes" if world > 1 else "")
-    precision = 0.5 if train.amp and device.type == "cuda" else 1.0
-    activation = ACTIVATION_BYTES.get(args.encoder, max(ACTIVATION_BYTES.values())) * precision
+    halved = 0.5 if precision(device, train.amp).enabled else 1.0  # --amp's default follows the device
+    activation = ACTIVATION_BYTES.get(args.encoder, max(ACTIVATION_BYTES.values())) * halved
     parameters = NETWORK_PARAMETERS.get(args.encoder, max(NETWORK_PARAMETERS.values())) + _head_parameters(args)
     head_size = f"--embed-dim {args.embed_dim}" if args.head == "ess" else f"{args.num_classes} classes"
     return {

@@ -24,6 +24,19 @@ def test_without_cuda_it_says_so_in_one_line_and_exits_2(tmp_path, monkeypatch, 
     assert gpu_check.main(["--why-not"]) == 0 and capsys.readouterr().out == ""
 
 
+def test_an_out_that_holds_other_files_is_refused_and_left_as_it_was(tmp_path, monkeypatch, capsys):
+    """The check starts its runs afresh, so it claims --out first: a directory it did not write is not touched."""
+    monkeypatch.setattr(gpu_check, "cuda_missing", lambda: None)
+    monkeypatch.setattr(gpu_check, "run_steps", lambda *a, **k: pytest.fail("ran in a directory it does not own"))
+    mine = tmp_path / "runs" / "softmax" / "mine.txt"
+    mine.parent.mkdir(parents=True)
+    mine.write_text("a user's file")
+    assert gpu_check.main(["--out", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("Error: ") and str(tmp_path) in err
+    assert mine.read_text() == "a user's file" and sorted(p.name for p in tmp_path.iterdir()) == ["runs"]
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")
 def test_the_command_on_a_machine_without_cuda(tmp_path):
     result = subprocess.run([sys.executable, "-m", "bench.gpu_check", "--out", str(tmp_path / "check")],

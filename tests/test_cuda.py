@@ -109,8 +109,8 @@ with process_group("cuda") as device:  # the group torchrun's process joined: us
     x = torch.randn(4, 3, 64, 64, device=device)
     mask = torch.randint(0, 41, (4, 64, 64), device=device)
     losses = []
-    for model in (plain, synced):
-        loss = plain.loss(model(x), mask)
+    for model, own in ((plain, plain), (synced, synced.module)):  # each model's loss with its own class embeddings
+        loss = own.loss(model(x), mask)
         loss.backward()
         losses.append(loss.item())
     # ... and the synchronising kernels themselves (statistics all-gathered, gradients all-reduced over nccl),

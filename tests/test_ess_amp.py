@@ -58,6 +58,20 @@ def test_amp_means_bfloat16_on_the_cpu_and_float16_with_a_scaler_on_cuda():
     assert not cpu.grad_scaler().is_enabled()
 
 
+
+def test_the_memory_check_counts_half_the_activations_wherever_amp_is_on():
+    """A lower bound: float32 activations only where --amp (or its default on the device) leaves them so."""
+    from ess.config import TrainConfig
+    from ess.memory import training_parts
+
+    def activations(device, amp):
+        parts = training_parts(ModelArgs(head="ess", num_classes=300), TrainConfig(amp=amp), torch.device(device), 1, 0)
+        return parts["activations"][1]
+
+    full, half = activations("cpu", None), activations("cpu", True)
+    assert activations("cpu", False) == full and activations("cuda", False) == full
+    assert activations("cuda", None) == activations("cuda", True) == half and half < 0.6 * full
+
 @pytest.mark.parametrize("dtype", LOW)
 def test_searches_and_close_pairs_rank_in_float32_under_autocast(dtype):
     """The nearest classes and the regulariser's close pairs come out as in float32, not from rounded distances."""
