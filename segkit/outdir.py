@@ -149,10 +149,9 @@ def _check_owner(out: Path, command: str, held: set[str], recognise: Callable[[P
 
 @dataclass
 class Claim:
-    """A claimed output directory: whether the claim made it, and what it held then (lock and marker aside)."""
+    """A claimed output directory and what it held when claimed (lock and marker aside)."""
 
     out: Path
-    created: bool
     before: set[str]
 
     @property
@@ -208,7 +207,7 @@ def claim_output(out: str | os.PathLike, command: str, owns: Callable[[str], boo
             remove_stale_temporaries(out)
         except OSError as e:
             raise InputError(out, f"cannot write: {e.strerror or e}") from None
-        claim = Claim(out, created, held)
+        claim = Claim(out, held)
         yield claim
     except BaseException as e:
         clean = claim is not None and not keep(e)

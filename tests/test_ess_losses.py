@@ -6,11 +6,10 @@ import torch
 import torch.nn.functional as F
 
 from ess.config import ModelArgs
+from conftest import ess_head
 from ess.losses import ess_pixel_loss, sample_negatives, separation_loss, softmax_loss
 
 CHUNK = ModelArgs.chunk
-
-from conftest import ess_head
 
 
 def reference_ess_loss(pixels, target, classes, k, tau):

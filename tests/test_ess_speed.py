@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import ess_head
 from ess.config import STRIDE_BLOCKS, ModelArgs
 from ess.heads import SoftmaxHead, UpsampledLogits
 from ess.ivf import IvfSearch, recall_at_k
@@ -18,7 +19,6 @@ CHUNK = ModelArgs.chunk
 def ivf_search(nlist, nprobe, rebuild_every=ModelArgs.ivf_rebuild_every, **kwargs):
     return IvfSearch(nlist, nprobe, rebuild_every, CHUNK, **kwargs)
 
-from conftest import ess_head
 
 needs_faiss = pytest.mark.skipif(not faiss_available(), reason="faiss not installed")
 
