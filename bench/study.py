@@ -263,7 +263,7 @@ def catch_up(budget: pd.DataFrame) -> tuple[list[str], str]:
     """Per ESS variant, the smallest budget at which its mean mIoU over seeds reaches softmax's, and a headline."""
     means = budget.groupby(["variant", "iters"], sort=False)[["miou", "ratio_miou"]].agg(["mean", "min", "max"])
     budgets = sorted(budget["iters"].unique())
-    lines, best = [], None
+    lines, best, headline = [], None, []
     for variant in dict.fromkeys(v for v in budget["variant"] if VARIANTS[v].options["head"] == "ess"):
         ratios = {i: means.loc[(variant, i), ("ratio_miou", "mean")] for i in budgets if (variant, i) in means.index}
         ratios = {i: r for i, r in ratios.items() if not math.isnan(r)}
@@ -273,8 +273,10 @@ def catch_up(budget: pd.DataFrame) -> tuple[list[str], str]:
         reached = [i for i, r in ratios.items() if r >= 1]
         if reached:
             low = means.loc[(variant, reached[0]), ("ratio_miou", "min")]
-            noise = " (within noise: a seed is below)" if low < 1 else ""
-            lines.append(f"- `{variant}` reaches softmax's mIoU at {reached[0]} iterations{noise} ({trend})")
+            verdict = f"`{variant}` reaches softmax's mIoU at {reached[0]} iterations"
+            verdict += " (within noise: a seed is below)" if low < 1 else ""
+            lines.append(f"- {verdict} ({trend})")
+            headline.append(verdict)
         else:
             lines.append(f"- `{variant}` does not reach softmax's mIoU by {max(ratios)} iterations ({trend})")
         top = max(ratios)
@@ -282,9 +284,8 @@ def catch_up(budget: pd.DataFrame) -> tuple[list[str], str]:
             best = (variant, ratios[top], top)
     if best is None:
         return lines, "No ESS variant was measured against softmax."
-    reached = [line for line in lines if " reaches " in line]
-    if reached:
-        return lines, "Reaching softmax: " + "; ".join(line[2:].split(" (")[0] for line in reached) + "."
+    if headline:
+        return lines, "Reaching softmax: " + "; ".join(headline) + "."
     return lines, (f"No ESS variant reaches softmax's mIoU by {max(budgets)} iterations; the closest at the largest "
                    f"budget is `{best[0]}` at {best[1]:.2f}x softmax.")
 

@@ -170,6 +170,14 @@ def test_catch_up_lines():
                      "- `ess-proto` reaches softmax's mIoU at 3000 iterations (0.80x at 300 -> 1.25x at 3000)"]
     assert headline == "Reaching softmax: `ess-proto` reaches softmax's mIoU at 3000 iterations."
 
+    # a second seed below softmax: the mean still reaches it, and both the line and the headline say "within noise"
+    seed1 = rows[rows["iters"] == 3000].assign(seed=1, miou=[0.2, 0.1, 0.18])
+    lines, headline = catch_up(budget_table(pd.concat([rows, seed1], ignore_index=True)))
+    assert lines[1] == ("- `ess-proto` reaches softmax's mIoU at 3000 iterations (within noise: a seed is below) "
+                        "(0.80x at 300 -> 1.07x at 3000)")
+    assert headline == ("Reaching softmax: `ess-proto` reaches softmax's mIoU at 3000 iterations "
+                        "(within noise: a seed is below).")
+
 
 def test_claims_verdicts():
     table = pd.DataFrame({"variant": ["softmax", "ess", "ess-random", "ess-no-norm"],
