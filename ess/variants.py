@@ -45,7 +45,7 @@ VARIANTS = {v.name: v for v in (
     Variant("ess-proto", {"head": "ess", "class_update": "prototype"}, "ESS, prototype class embeddings", "#e7969c",
             study=True),
     Variant("ess-proto-fast", {"head": "ess", "class_update": "prototype", "proto_momentum": 0.9},
-            "ESS, prototypes with momentum 0.9", "#ad494a", study=True),
+            "ESS, prototypes with momentum 0.9", "#31a354", study=True),
     Variant("ess-random", {"head": "ess", "sampling": "random"}, "ESS, random negatives", "#8c564b", study=True),
     Variant("ess-no-norm", {"head": "ess", "normalize": False}, "ESS, no normalisation", "#e377c2", study=True),
     Variant("ess-no-reg", {"head": "ess", "reg": False}, "ESS, no regulariser", "#7f7f7f", study=True),
