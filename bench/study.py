@@ -223,7 +223,8 @@ def learning_curves(out: Path, cells: list[Cell]) -> pd.DataFrame:
 def claims(study: pd.DataFrame) -> list[dict]:
     """The paper's directions, each checked on a budget's table, seed by seed: claim, paper, verdict, numbers.
 
-    With several seeds, a claim that holds for some seeds and not for others is "within noise".
+    With several seeds, a claim that holds for some seeds and not for others is "within noise"; seeds that lack
+    one of the claim's variants are left out (not measured only when no seed has both).
     """
     checks = [
         ("`ess` mIoU >= `softmax` mIoU", "ESS about 3x the softmax mIoU", "ess", "softmax", "miou", 1.0, ">="),
@@ -236,13 +237,14 @@ def claims(study: pd.DataFrame) -> list[dict]:
     study = study if "seed" in study.columns else study.assign(seed=0)
     results = []
     for claim, paper, a, b, column, factor, op in checks:
-        per_seed = [check_claim(rows.set_index("variant"), a, b, column, factor, op)
-                    for _, rows in study.groupby("seed", sort=True)]
-        verdicts = {v for v, _ in per_seed}
+        per_seed = {seed: check_claim(rows.set_index("variant"), a, b, column, factor, op)
+                    for seed, rows in study.groupby("seed", sort=True)}
+        measured = {s: vn for s, vn in per_seed.items() if vn[0] != "not measured"}
+        per_seed = measured or per_seed  # a seed that ran only some of the variants does not void the others
+        verdicts = {v for v, _ in per_seed.values()}
         verdict = verdicts.pop() if len(verdicts) == 1 else (
             "within noise" if verdicts <= {"reproduced", "not reproduced"} else "not measured")
-        seeds = sorted(study["seed"].unique())
-        numbers = "; ".join(n if len(seeds) == 1 else f"seed {s}: {n}" for s, (_, n) in zip(seeds, per_seed))
+        numbers = "; ".join(n if len(per_seed) == 1 else f"seed {s}: {n}" for s, (_, n) in per_seed.items())
         results.append({"claim": claim, "paper": paper, "verdict": verdict, "numbers": numbers})
     return results
 

@@ -159,6 +159,15 @@ def test_claims_with_seeds_that_disagree_are_within_noise():
     assert second["verdict"] == "reproduced"
 
 
+def test_claims_leave_out_a_seed_without_the_variants():
+    # seed 1 ran softmax and ess only: the random-negatives claim rests on seed 0 alone
+    table = pd.DataFrame({"variant": ["softmax", "ess", "ess-random", "softmax", "ess"], "seed": [0, 0, 0, 1, 1],
+                          "miou": [0.10, 0.04, 0.02, 0.10, 0.05], "miou_tail": 0.0})
+    random = claims(table)[2]
+    assert random["verdict"] == "not reproduced" and random["numbers"] == "ess 0.04 vs ess-random 0.02, ratio 2.00"
+    assert claims(table)[3]["verdict"] == "not measured"  # no seed has ess-no-norm
+
+
 def test_catch_up_lines():
     from bench.study import budget_table, catch_up
 
