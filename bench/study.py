@@ -325,7 +325,7 @@ def plot_learning_curves(curve: pd.DataFrame):
 
 def plot_budget(budget: pd.DataFrame):
     """mIoU (all, top-50, tail) and the ratio to softmax against iterations: a line per variant through its mean
-    over seeds, each seed a dot; an ESS variant's pixel-mean readout dashed."""
+    over seeds, each seed a dot; an ESS variant's pixel-mean readout dashed, with open markers."""
     fig = new_figure(11, 8)
     panels = [("miou", "mIoU (all classes)"), ("miou_top50", "mIoU, 50 most frequent classes"),
               ("miou_tail", "mIoU, the other classes"), ("ratio_miou", "mIoU / softmax's (same budget and seed)")]
@@ -339,8 +339,8 @@ def plot_budget(budget: pd.DataFrame):
             ax.scatter(rows["iters"], rows[column], s=10, color=color, alpha=0.5)
             if column == "miou" and rows["miou_proto_readout"].notna().any():
                 proto = rows.groupby("iters")["miou_proto_readout"].mean()
-                ax.plot(proto.index, proto.values, linestyle="--", color=color, alpha=0.8,
-                        label=f"{variant}, pixel-mean readout")
+                ax.plot(proto.index, proto.values, linestyle="--", marker="o", markerfacecolor="none", color=color,
+                        alpha=0.8, label=f"{variant}, pixel-mean readout")  # the open marker shows a lone budget
         if column == "ratio_miou":
             ax.axhline(1.0, color="black", linewidth=0.8)
         ax.set_xscale("log")
